@@ -1,0 +1,963 @@
+"""Self Forcing, minimal: autoregressive video diffusion trained on its own rollouts, in one file.
+
+Huang, Li, He, Zhou, Shechtman, "Self Forcing: Bridging the Train-Test Gap in Autoregressive Video
+Diffusion", arXiv 2506.08009 (2025). Re-derived at toy scale on synthetic moving-shape videos
+(toy_data.py); no code copied, nothing downloaded.
+
+    python self_forcing.py                       # the demo: every stage on the CPU preset, then the table
+    python self_forcing.py teacher --preset gpu  # one stage; `--help` lists stages and fields
+    python self_forcing.py eval --n_eval=64      # any config field is a flag
+
+The story. An autoregressive (AR) video model makes chunk i conditioned on chunks < i. Trained with
+teacher forcing (TF: the context is real, clean frames) or diffusion forcing (DF: the context is real,
+noisy frames), it never sees its own outputs as context during training, but only its own outputs at
+inference: exposure bias. Self Forcing trains the model on exactly what it does at inference: it rolls
+out the whole video chunk by chunk from noise with its KV cache (Alg. 1), and a video-level loss (DMD,
+with the bidirectional teacher as the real score and a trained critic as the fake score) judges the result.
+
+Shapes: B batch, F frames, C channels, H W pixels, p patch, N = (H/p)^2 tokens per frame,
+L tokens in a sequence, D width, nh heads, hd head width, K denoising steps. t is never a length:
+sigma in [0, 1] is the diffusion time (noise level); each frame has its own sigma (B, F).
+
+Sections (paper):
+  1. Config and presets
+  2. Flow matching and the few-step schedule      (Sec. 3.1, App. A)
+  3. The causal video DiT, one attention path     (Sec. 3.1, Fig. 2: TF / DF / SF attention)
+  4. KV cache: overwrite, rolling window, sink    (Sec. 3.2, 3.4)
+  5. Training loop, checkpoints, data
+  6. Teacher: bidirectional flow matching         (the Wan2.1 stand-in)
+  7. Causal students: ODE init, TF, DF            (Sec. 3.1, 4; CausVid)
+  8. Autoregressive rollout (Algorithm 1)         (Sec. 3.2: KV cache, exit step, gradient truncation)
+  9. DMD with a trained critic; SF, TF+DMD, DF+DMD (Sec. 3.3, Eq. 5-6; App. B)
+ 10. Evaluation: quality, drift, exposure gap      (Sec. 4, Table 2)
+ 11. CLI
+
+Simplifications against the paper (also in the README): pixels instead of VAE latents; a ~1M-parameter
+DiT instead of Wan2.1-1.3B; the teacher (real score) and critic are the same size as the student
+(the paper's real score is the 14B model); labels instead of text prompts; Euler instead of UniPC for
+the many-step baselines; DMD only (no SiD or GAN variants).
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as Fn
+from tqdm import tqdm
+
+import toy_data
+
+
+# ####################################################################################################
+# 1. Config and presets
+
+@dataclass
+class Config:
+    # data (toy_data.py)
+    size: int = 16  # frame height = width in pixels
+    n_objects: int = 2  # objects per clip, object k in colour channel k
+    radius: float = 2.0  # half side of the square (all shapes have its area)
+    speed_min: float = 0.6  # object speed range in px/frame (uniform)
+    speed_max: float = 1.4
+    n_train: int = 8000  # training clips, generated once, kept on the device (flips x2, time reversal x2)
+    # model: a tiny DiT with per-frame adaLN-Zero and temporal RoPE
+    patch: int = 2  # patch size; tokens per frame N = (size/patch)^2 is the main cost
+    width: int = 64  # D
+    depth: int = 4  # transformer blocks
+    heads: int = 4  # attention heads (head width D/heads)
+    frames: int = 8  # F_train: frames per training clip (the teacher's window)
+    chunk: int = 2  # frames per AR chunk: 1 = the paper's frame-wise setting, >1 chunk-wise
+    # diffusion (flow matching: x_t = (1 - sigma) x0 + sigma eps, the network predicts v = eps - x0)
+    shift: float = 5.0  # time shift k: sigma' = k sigma / (1 + (k-1) sigma), Wan/official value 5
+    few_steps: int = 4  # K, steps of the few-step generator: grid [1, .75, .5, .25] shifted
+    euler_steps: int = 16  # Euler steps of the teacher and the many-step TF/DF baselines (multiple of K)
+    cfg: float = 3.0  # classifier-free guidance scale (u + cfg (c - u)) for teacher / baselines / real score
+    p_uncond: float = 0.1  # label dropout while training, so that CFG exists
+    # training (steps of every stage; the same for TF and DF, and for all three DMD methods)
+    batch: int = 64
+    lr: float = 1e-3  # AdamW learning rate of teacher, ODE, TF and DF
+    teacher_iters: int = 3000
+    ode_pairs: int = 1024  # teacher trajectories for the ODE init
+    ode_iters: int = 1000
+    diffusion_iters: int = 2000  # TF and DF many-step baselines (initialised from the teacher)
+    distill_iters: int = 300  # generator updates of SF, TF+DMD, DF+DMD
+    critic_ratio: int = 5  # critic updates per generator update (official 5:1)
+    lr_gen: float = 1e-4  # DMD generator lr (AdamW betas (0, 0.999), as official)
+    lr_critic: float = 1e-4  # DMD critic lr
+    kv_grad: str = "detach"  # gradient through the KV cache in SF: detach | st (official straight-through)
+    ema: float = 0.999  # EMA decay of teacher / ODE / TF / DF weights
+    ema_distill: float = 0.99  # EMA decay of the DMD generators (official 0.99)
+    clip: float = 10.0  # gradient-norm clipping (official 10)
+    # rollouts and evaluation
+    window: int = 0  # KV-cache window in frames (including the chunk being made); 0 = frames
+    sink: int = 0  # first frames kept in a rolling cache forever (attention sink)
+    n_eval: int = 64  # evaluation samples (same labels and seeds for every method)
+    long: int = 4  # the long evaluation is `long` x the training length
+    # infrastructure
+    seed: int = 0
+    device: str = "auto"  # auto = cuda, else mps, else cpu
+    amp: bool = True  # bf16 autocast on CUDA
+    out: str = ""  # run folder; "" = runs/<preset>
+    ckpt_every: int = 500  # checkpoint period in steps (an interrupted stage resumes from there)
+
+
+PRESETS = {
+    "test": dict(size=8, n_objects=1, radius=1.5, speed_min=0.5, speed_max=1.0, n_train=64, patch=2,
+                 width=32, depth=2, heads=2, frames=4, chunk=2, euler_steps=4, batch=8,
+                 teacher_iters=6, ode_pairs=16, ode_iters=4, diffusion_iters=4, distill_iters=2,
+                 critic_ratio=2, n_eval=4, long=2, ckpt_every=3),
+    "cpu": dict(),  # the defaults: ~15 minutes for the whole demo on a 2-core CPU
+    "gpu": dict(size=32, n_objects=3, radius=3.5, speed_min=1.0, speed_max=2.5, n_train=32000, patch=4,
+                width=192, depth=6, heads=6, euler_steps=32, batch=128, teacher_iters=6000,
+                ode_pairs=4096, ode_iters=2000, diffusion_iters=4000, distill_iters=500, n_eval=256),
+}
+MODEL_FIELDS = ("size", "patch", "width", "depth", "heads")  # what a checkpoint must agree on
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit code 2, nothing destroyed."""
+
+
+def check_config(c):
+    """Bad values end the run with one clear line (see main)."""
+    if c.size % c.patch:
+        raise UserError(f"size={c.size} is not a multiple of patch={c.patch}")
+    if c.width % c.heads or (c.width // c.heads) % 2:
+        raise UserError(f"width={c.width} must split into {c.heads} heads of even width")
+    if c.frames % c.chunk:
+        raise UserError(f"frames={c.frames} is not a multiple of chunk={c.chunk}")
+    if c.euler_steps % c.few_steps:
+        raise UserError(f"euler_steps={c.euler_steps} must be a multiple of few_steps={c.few_steps}")
+    if c.n_objects not in (1, 2, 3):
+        raise UserError("n_objects must be 1, 2 or 3 (one object per colour channel)")
+    if c.kv_grad not in ("detach", "st"):
+        raise UserError(f"kv_grad={c.kv_grad!r}: choose detach or st")
+    w = c.window or c.frames
+    if w < c.chunk + c.sink:
+        raise UserError(f"window={w} must hold a chunk ({c.chunk}) plus the sink ({c.sink})")
+    for f in ("batch", "teacher_iters", "n_eval", "long", "n_train", "width", "depth", "critic_ratio"):
+        if getattr(c, f) < 1:
+            raise UserError(f"{f}={getattr(c, f)} must be at least 1")
+    if not 0 < c.speed_min <= c.speed_max:
+        raise UserError("need 0 < speed_min <= speed_max")
+
+
+# ####################################################################################################
+# 2. Flow matching and the few-step schedule
+
+def shift(sigma, k):
+    """Time shift (SD3 / Wan): spends more steps at high noise. shift(0) = 0, shift(1) = 1."""
+    return k * sigma / (1 + (k - 1) * sigma)
+
+
+def euler_sigmas(c):
+    """(euler_steps + 1,) sigmas from 1 to 0 for the many-step samplers."""
+    return shift(torch.linspace(1, 0, c.euler_steps + 1), c.shift)
+
+
+def few_step_sigmas(c):
+    """(K,) the generator's grid: uniform [1, .75, .5, .25] shifted -> [1, .9375, .8333, .625] for k=5.
+    It lies on the Euler grid (euler_steps is a multiple of K), so ODE pairs can be read off it."""
+    return shift(torch.linspace(1, 0, c.few_steps + 1)[:-1], c.shift)
+
+
+def sample_sigma(*shape, device):
+    """Training noise levels: logit-normal (SD3), dense in the middle."""
+    return torch.sigmoid(torch.randn(*shape, device=device))
+
+
+def add_noise(x0, sigma, eps):
+    """x_t = (1 - sigma) x0 + sigma eps. x0, eps (B, F, C, H, W); sigma (B, F)."""
+    s = sigma[..., None, None, None]
+    return (1 - s) * x0 + s * eps
+
+
+# ####################################################################################################
+# 3. The causal video DiT: one attention path for bidirectional, block-causal and KV-cached use
+
+def rope(pos, dim, theta=10000.0):
+    """cos, sin (L, dim/2) for token frame positions pos (L,): RoPE over the FRAME index only, so
+    attention depends on relative frame offsets and a rolling cache can run past the training length."""
+    freqs = theta ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
+    ang = pos.float()[:, None] * freqs[None]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cs):
+    """Rotate pairs (x1, x2) of x (B, nh, L, hd) by the angles of cs."""
+    cos, sin = cs
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
+
+
+def block_causal_mask(n_frames, chunk, window=0, sink=0, device="cpu"):
+    """(F, F) bool, True = may attend. Frame i sees frame j iff j's chunk is not after i's chunk
+    (bidirectional inside a chunk, causal across chunks); with a window, only the last `window - sink`
+    frames up to the end of i's chunk plus the first `sink` frames: what a rolling KV cache holds."""
+    i = torch.arange(n_frames, device=device)[:, None]
+    j = torch.arange(n_frames, device=device)[None, :]
+    end = (i // chunk + 1) * chunk  # first frame after i's chunk
+    m = j < end
+    if window:
+        m = m & ((j >= end - (window - sink)) | (j < sink))
+    return m
+
+
+def teacher_forcing_mask(n_frames, chunk, device="cpu"):
+    """(2F, 2F) bool for the sequence [clean frames | noisy frames] (Fig. 2a): clean frames are block-
+    causal among themselves; a noisy chunk sees the CLEAN earlier chunks and its own noisy chunk only."""
+    bc = block_causal_mask(n_frames, chunk, device=device)
+    ci = torch.arange(n_frames, device=device) // chunk
+    earlier = ci[:, None] > ci[None, :]  # clean chunk strictly before
+    same = ci[:, None] == ci[None, :]
+    top = torch.cat([bc, torch.zeros_like(bc)], 1)
+    bottom = torch.cat([earlier, same], 1)
+    return torch.cat([top, bottom], 0)
+
+
+def frames_to_tokens(mask, n):
+    """(Fq, Fk) frame mask -> (Fq*N, Fk*N) token mask."""
+    return mask.repeat_interleave(n, 0).repeat_interleave(n, 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, D, nh, layer):
+        super().__init__()
+        self.nh, self.layer = nh, layer
+        self.qkv = nn.Linear(D, 3 * D)
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x, cs, mask=None, cache=None):
+        """x (B, L, D); cs RoPE of the L tokens; mask (L, Lk) bool or None; cache: KVCache or None.
+        With a cache, x is the new chunk: its keys/values are written into the cache and its queries
+        attend to everything the cache holds (earlier chunks + itself), so no mask is needed."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.nh, D // self.nh).permute(2, 0, 3, 1, 4)  # (B, nh, L, hd)
+        q, k = Fn.rms_norm(q, q.shape[-1:]), Fn.rms_norm(k, k.shape[-1:])  # QK-norm (as Wan)
+        q, k = apply_rope(q, cs), apply_rope(k, cs)  # keys are cached already rotated
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nh, Lk, hd): cached frames + this chunk
+        o = Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, L, hd)
+        return self.proj(o.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    """DiT block with adaLN-Zero; the modulation is per FRAME (each frame has its own noise level)."""
+
+    def __init__(self, D, nh, layer):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(D, nh, layer)
+        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(approximate="tanh"), nn.Linear(4 * D, D))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        nn.init.zeros_(self.ada[1].weight)  # adaLN-Zero: every block starts as the identity
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x, c, cs, mask, cache):
+        """x (B, F, N, D); c (B, F, D) conditioning per frame."""
+        B, F, N, D = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, :, None].chunk(6, -1)  # each (B, F, 1, D)
+        h = (self.norm1(x) * (1 + sc1) + sh1).reshape(B, F * N, D)
+        x = x + g1 * self.attn(h, cs, mask, cache).view(B, F, N, D)
+        return x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2)
+
+
+class DiT(nn.Module):
+    """Video DiT: patchify each frame, per-frame (sigma, label) adaLN, spatial position embedding inside
+    the frame, RoPE over the frame index in attention. Predicts the flow v = eps - x0."""
+
+    def __init__(self, c):
+        super().__init__()
+        D, p = c.width, c.patch
+        self.p, self.N, self.hd, self.n_classes = p, (c.size // p) ** 2, D // c.heads, len(toy_data.SHAPES)
+        self.embed = nn.Linear(3 * p * p, D)
+        self.pos = nn.Parameter(torch.randn(self.N, D) * 0.02)  # spatial position inside a frame
+        self.t_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.y_emb = nn.Embedding(self.n_classes + 1, D)  # last index = "no label" (for CFG)
+        self.blocks = nn.ModuleList([Block(D, c.heads, i) for i in range(c.depth)])
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.head = nn.Linear(D, 3 * p * p)
+        for m in (self.ada[1], self.head):  # zero output at init
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, sigma, y, pos=None, mask=None, cache=None):
+        """x (B, F, C, H, W); sigma (B, F) noise level per frame; y (B,) labels (n_classes = none);
+        pos (F,) frame index of each frame (default 0..F-1; the AR rollout passes absolute indices);
+        mask (F, Fk) frame-level bool or None (= full attention, or the cache's content). -> v like x."""
+        B, F, C, H, W = x.shape
+        p, n = self.p, H // self.p
+        pos = torch.arange(F, device=x.device) if pos is None else pos
+        tok = x.reshape(B, F, C, n, p, n, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, F, n * n, C * p * p)
+        h = self.embed(tok) + self.pos  # (B, F, N, D)
+        half = torch.arange(128, device=x.device) / 128
+        te = sigma[..., None] * 1000 * 10000 ** (-half)  # sinusoidal embedding of the noise level
+        c = self.t_mlp(torch.cat([te.sin(), te.cos()], -1)) + self.y_emb(y)[:, None]  # (B, F, D)
+        cs = rope(pos.repeat_interleave(self.N), self.hd)  # (F*N, hd/2): every token of a frame shares it
+        if cache is not None:
+            cache.begin(pos)  # decide once which cached frames stay (overwrite / rolling window)
+        tmask = None if mask is None else frames_to_tokens(mask, self.N)
+        for blk in self.blocks:
+            h = blk(h, c, cs, tmask, cache)
+        shf, scl = self.ada(c)[:, :, None].chunk(2, -1)
+        out = self.head(self.norm(h) * (1 + scl) + shf)  # (B, F, N, C p p)
+        return out.view(B, F, n, n, C, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, F, C, H, W)
+
+
+def guided(model, x, sigma, y, cfg, **kw):
+    """Classifier-free guidance: v = v_u + cfg (v_c - v_u), one batched pass of 2B (and a 2B cache)."""
+    if cfg == 1:
+        return model(x, sigma, y, **kw)
+    null = torch.full_like(y, model.n_classes)
+    v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([y, null]), **kw)
+    vc, vu = v.chunk(2)
+    return vu + cfg * (vc - vu)
+
+
+# ####################################################################################################
+# 4. KV cache: a chunk's keys/values, overwritten in place on re-runs, rolling window with a sink
+
+class KVCache:
+    """Per layer, the rotated keys and values of the cached frames: (B, nh, frames*N, hd).
+
+    `begin(pos)` is called once per model call with the new frames' positions:
+      - re-running a chunk (the next denoising step, the cache refresh) REPLACES that chunk's slots;
+      - a new chunk is appended; if the cache would exceed `window` frames, the oldest frames are evicted,
+        except the first `sink` frames, which are kept forever.
+    `straight_through` (kv_grad=st, the official code's behaviour): the values written by a re-run are
+    the new (clean) ones, but the gradient flows into the keys/values they replace (the exit step's):
+    k = k_clean.detach() + k_exit - k_exit.detach()."""
+
+    def __init__(self, depth, n_tokens, window, sink=0):
+        self.k, self.v = [None] * depth, [None] * depth
+        self.N, self.window, self.sink = n_tokens, window, sink
+        self.frames = torch.empty(0, dtype=torch.long)  # absolute frame index of every cached frame
+        self.straight_through = False
+
+    def begin(self, pos):
+        pos = pos.cpu()
+        old = self.frames
+        keep = old < pos[0]  # a re-run drops the chunk's own old slots: overwrite, not append
+        self.redo = torch.isin(old, pos)  # the slots being replaced (for the straight-through path)
+        over = int(keep.sum()) + len(pos) - self.window
+        if over > 0:  # rolling: evict the oldest non-sink frames
+            evict = (keep & (old >= self.sink)).nonzero()[:over, 0]
+            keep[evict] = False
+        self.keep = keep
+        self.frames = torch.cat([old[keep], pos])
+
+    def update(self, layer, k, v):
+        """Store this call's k, v (B, nh, L, hd); return everything the new queries attend to."""
+        if self.k[layer] is not None:
+            tok = lambda m: m.repeat_interleave(self.N).to(k.device)  # noqa: E731  frame -> token mask
+            k_old, v_old = self.k[layer], self.v[layer]
+            with torch.set_grad_enabled(torch.is_grad_enabled() or self.straight_through):
+                if self.straight_through and self.redo.any():  # the refresh runs under no_grad...
+                    ke, ve = k_old[:, :, tok(self.redo)], v_old[:, :, tok(self.redo)]
+                    k, v = k.detach() + ke - ke.detach(), v.detach() + ve - ve.detach()  # ...grad via exit K/V
+                k = torch.cat([k_old[:, :, tok(self.keep)], k], 2)
+                v = torch.cat([v_old[:, :, tok(self.keep)], v], 2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+# ####################################################################################################
+# 5. Training loop, checkpoints, data
+
+def save(path, obj):
+    """Atomic: write a temp file, then rename, so an interrupted save never corrupts a checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load(path, c, what):
+    if not os.path.exists(path):
+        raise UserError(f"missing checkpoint {path}: run the `{what}` stage first")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}")
+    for f in MODEL_FIELDS:
+        if ck["config"].get(f) != getattr(c, f):
+            raise UserError(f"checkpoint {path} has {f}={ck['config'].get(f)} but this run has "
+                             f"{f}={getattr(c, f)} (same --preset, or --fresh to retrain)")
+    return ck
+
+
+def build(c, state=None):
+    model = DiT(c).to(c.device)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def ema_update(ema, model, decay):
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - decay)
+
+
+def autocast(c):
+    return torch.autocast("cuda", torch.bfloat16, enabled=c.amp and c.device.startswith("cuda"))
+
+
+def train(c, name, nets, step_fn, iters, ema_decay=None):
+    """Generic loop: nets = {"model": m, ...} trained by step_fn(it) -> dict of losses (it does its own
+    optimizer steps). EMA of nets["model"] into nets["ema"]. Resumes from runs/.../name.pt if unfinished;
+    a finished stage is reused. A NaN/Inf loss stops with the last good checkpoint kept."""
+    path = os.path.join(c.out, name + ".pt")
+    start = 0
+    if os.path.exists(path):
+        ck = load(path, c, name)
+        for k, m in nets.items():
+            m.load_state_dict(ck[k])
+        start = ck["step"]
+        if start >= iters:
+            print(f"[{name}] reusing finished checkpoint {path} ({start} steps)")
+            return
+        print(f"[{name}] resuming from step {start}")
+
+    def checkpoint(step):
+        save(path, {"config": dataclasses.asdict(c), "step": step,
+                    **{k: m.state_dict() for k, m in nets.items()}})
+
+    t0, bar = time.time(), tqdm(range(start, iters), desc=name, dynamic_ncols=True, mininterval=1)
+    avg = {}
+    for it in bar:
+        losses = step_fn(it)
+        for k, v in losses.items():
+            if not math.isfinite(v):
+                raise UserError(f"[{name}] {k} is {v} at step {it}: stopped; last good checkpoint kept in {path}")
+            avg[k] = v if k not in avg else 0.98 * avg[k] + 0.02 * v
+        if ema_decay is not None:
+            ema_update(nets["ema"], nets["model"], ema_decay)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in avg.items()}, refresh=False)
+        if (it + 1) % c.ckpt_every == 0 or it + 1 == iters:
+            checkpoint(it + 1)
+    print(f"[{name}] done: {iters - start} steps in {time.time() - t0:.0f}s, "
+          + ", ".join(f"{k} {v:.4f}" for k, v in avg.items()))
+
+
+def adamw(params, lr, betas=(0.9, 0.999)):
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.01)
+
+
+class Data:
+    """Real training clips, generated once (toy_data) and kept on the device; random flips and time
+    reversal (both keep constant velocity and elastic bounces valid) make each batch fresh."""
+
+    def __init__(self, c, n=None, frames=None, seed=None):
+        d = toy_data.make_videos(n or c.n_train, frames or c.frames, c.size, c.n_objects, c.radius,
+                                 (c.speed_min, c.speed_max), c.seed + 1 if seed is None else seed)
+        self.x = torch.from_numpy(d["videos"]).to(c.device)
+        self.y = torch.from_numpy(d["labels"]).to(c.device)
+
+    def batch(self, B):
+        i = torch.randint(len(self.x), (B,), device=self.x.device)
+        x = self.x[i]
+        flip = torch.rand(B, device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None, None], x.flip(-1), x)
+        rev = torch.rand(B, device=x.device) < 0.5
+        return torch.where(rev[:, None, None, None, None], x.flip(1), x), self.y[i]
+
+
+def drop_labels(y, p, n_classes):
+    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, n_classes), y)
+
+
+def flow_matching_loss(model, x0, y, sigma, **kw):
+    """E || v_theta(x_t, sigma) - (eps - x0) ||^2 over all frames. sigma (B, F)."""
+    eps = torch.randn_like(x0)
+    return Fn.mse_loss(model(add_noise(x0, sigma, eps), sigma, y, **kw).float(), (eps - x0).float())
+
+
+# ####################################################################################################
+# 6. Teacher: bidirectional, many-step, label-conditional (the Wan2.1 stand-in, DMD's real score)
+
+def train_teacher(c):
+    data, model = Data(c), build(c)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = adamw(model.parameters(), c.lr)
+
+    def step(it):
+        x0, y = data.batch(c.batch)
+        sigma = sample_sigma(c.batch, 1, device=c.device).expand(-1, c.frames)  # one level per clip
+        with autocast(c):
+            loss = flow_matching_loss(model, x0, drop_labels(y, c.p_uncond, model.n_classes), sigma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), c.clip)
+        opt.step()
+        return {"loss": loss.item()}
+
+    train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, step, c.teacher_iters, c.ema)
+
+
+@torch.no_grad()
+def sample_teacher(model, c, y, n_frames, record=None):
+    """Euler ODE sampler with CFG over the whole clip (bidirectional). record: list of Euler indices
+    whose x_t to return too (the ODE pairs). -> x0 (B, F, C, H, W) [, {index: x_t}]."""
+    B, sig = len(y), euler_sigmas(c).to(c.device)
+    x = torch.randn(B, n_frames, 3, c.size, c.size, device=c.device)
+    traj = {}
+    for i in range(c.euler_steps):
+        if record is not None and i in record:
+            traj[i] = x.clone()
+        with autocast(c):
+            v = guided(model, x, sig[i].expand(B, n_frames), y, c.cfg).float()
+        x = x + (sig[i + 1] - sig[i]) * v
+    return (x, traj) if record is not None else x
+
+
+# ####################################################################################################
+# 7. Causal students: ODE init (the DMD generators' start), and the many-step TF / DF baselines
+
+def chunk_sigmas(sig_choices, B, c):
+    """A noise level per chunk, the same for the frames of a chunk: (B, F)."""
+    n = c.frames // c.chunk
+    idx = torch.randint(len(sig_choices), (B, n), device=sig_choices.device)
+    return sig_choices[idx].repeat_interleave(c.chunk, 1), idx.repeat_interleave(c.chunk, 1)
+
+
+def causal_forward(model, x_noisy, sigma, y, c, context, x_clean=None):
+    """The parallel (training) forward of a causal student -> v for the noisy frames (B, F, C, H, W).
+    context "df": the noisy sequence under the block-causal mask (each chunk sees noisy earlier chunks).
+    context "tf": [clean | noisy] under the teacher-forcing mask, SAME frame positions for both halves."""
+    F = x_noisy.shape[1]
+    if context == "df":
+        return model(x_noisy, sigma, y, mask=block_causal_mask(F, c.chunk, device=c.device))
+    pos = torch.arange(F, device=c.device).repeat(2)
+    v = model(torch.cat([x_clean, x_noisy], 1), torch.cat([torch.zeros_like(sigma), sigma], 1), y,
+              pos=pos, mask=teacher_forcing_mask(F, c.chunk, device=c.device))
+    return v[:, F:]
+
+
+def train_ode(c):
+    """CausVid / Self Forcing init: regress the block-causal student onto the teacher's ODE solution.
+    Pairs: x at the few-step grid's sigmas along teacher trajectories -> the trajectory's clean end."""
+    teacher = build(c, load(os.path.join(c.out, "teacher.pt"), c, "teacher")["ema"]).eval()
+    path = os.path.join(c.out, "ode_pairs.pt")
+    stride = c.euler_steps // c.few_steps  # few-step sigma k sits at Euler index k * stride
+    if not os.path.exists(path):
+        g = torch.Generator().manual_seed(c.seed + 7)
+        y = torch.randint(0, teacher.n_classes, (c.ode_pairs,), generator=g).to(c.device)
+        xs, x0s = [], []
+        for i in tqdm(range(0, c.ode_pairs, 256), desc="ode pairs"):
+            x0, traj = sample_teacher(teacher, c, y[i:i + 256], c.frames, record=range(0, c.euler_steps, stride))
+            xs.append(torch.stack([traj[k * stride] for k in range(c.few_steps)], 1).cpu())
+            x0s.append(x0.cpu())
+        save(path, {"xs": torch.cat(xs), "x0": torch.cat(x0s), "y": y.cpu()})
+    pairs = torch.load(path, weights_only=True)
+    xs, x0s, ys = (pairs[k].to(c.device) for k in ("xs", "x0", "y"))  # xs (P, K, F, C, H, W)
+    model = build(c, teacher.state_dict())  # start from the teacher's weights, then make it causal
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = adamw(model.parameters(), c.lr * 0.3)
+    grid = few_step_sigmas(c).to(c.device)
+
+    def step(it):
+        i = torch.randint(len(xs), (c.batch,), device=c.device)
+        sigma, k = chunk_sigmas(grid, c.batch, c)  # a random grid point per chunk
+        x_t = xs[i][torch.arange(c.batch, device=c.device)[:, None], k, torch.arange(c.frames, device=c.device)]
+        with autocast(c):
+            v = causal_forward(model, x_t, sigma, ys[i], c, "df")
+        x0_hat = x_t - sigma[..., None, None, None] * v.float()
+        loss = Fn.mse_loss(x0_hat, x0s[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), c.clip)
+        opt.step()
+        return {"loss": loss.item()}
+
+    train(c, "ode", {"model": model, "ema": ema, "opt": opt}, step, c.ode_iters, c.ema)
+
+
+def train_diffusion(c, context):
+    """Many-step causal baselines by flow matching on real clips, a noise level per chunk (official).
+    TF: each noisy chunk sees the CLEAN real earlier chunks. DF: it sees the NOISY real earlier chunks."""
+    teacher = load(os.path.join(c.out, "teacher.pt"), c, "teacher")
+    data, model = Data(c), build(c, teacher["ema"])
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = adamw(model.parameters(), c.lr * 0.3)
+
+    def step(it):
+        x0, y = data.batch(c.batch)
+        sigma = sample_sigma(c.batch, c.frames // c.chunk, device=c.device).repeat_interleave(c.chunk, 1)
+        eps = torch.randn_like(x0)
+        y = drop_labels(y, c.p_uncond, model.n_classes)
+        with autocast(c):
+            v = causal_forward(model, add_noise(x0, sigma, eps), sigma, y, c, context, x_clean=x0)
+        loss = Fn.mse_loss(v.float(), eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), c.clip)
+        opt.step()
+        return {"loss": loss.item()}
+
+    train(c, context, {"model": model, "ema": ema, "opt": opt}, step, c.diffusion_iters, c.ema)
+
+
+# ####################################################################################################
+# 8. Autoregressive rollout: Algorithm 1 (training) and inference are the SAME loop
+
+def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None, kv_grad="detach",
+            context=None, noise=None, window=None, sink=None, stats=None):
+    """Generate n_frames chunk by chunk with the KV cache, exactly as at inference. -> (B, F, C, H, W).
+
+    Per chunk (Alg. 1): start from noise; for k = 0..s: x0_hat = x - sigma_k v(x, sigma_k); then
+    re-noise x0_hat to sigma_{k+1}, with FRESH noise (few-step generator, consistency-style sampling) or
+    with the model's own noise estimate (= an Euler step: the many-step baselines). The chunk's output
+    is x0_hat of the exit step s. Finally the clean output is run once more at sigma = 0 to write its
+    keys/values into the cache (the "cache refresh": later chunks see clean context, as at inference).
+
+    Self Forcing training (exit_step = s ~ U{0..K-1}, shared by all chunks, grad on): steps before s
+    run under no_grad, step s with grad (stochastic gradient truncation, Sec. 3.2), the refresh under
+    no_grad; kv_grad says whether gradient may pass through the cache into earlier chunks ("st").
+    context: real frames (B, F, ...): refresh the cache with THEM instead of the model's output (the
+    teacher-forced evaluation: chunk i from real chunks < i). stats: dict counting model calls."""
+    B, ch = len(y), c.chunk
+    s = len(sigmas) - 1 if exit_step is None else exit_step
+    train_mode = torch.is_grad_enabled()
+    w = window or c.window or c.frames
+    cache = KVCache(len(model.blocks), model.N, w, c.sink if sink is None else sink)
+    out = []
+    for f0 in range(0, n_frames, ch):
+        pos = torch.arange(f0, f0 + ch, device=c.device)
+        x = (torch.randn(B, ch, 3, c.size, c.size, device=c.device) if noise is None
+             else noise[:, f0:f0 + ch])
+        for k in range(s + 1):
+            sigma = torch.full((B, ch), float(sigmas[k]), device=c.device)
+            with torch.set_grad_enabled(train_mode and k == s), autocast(c):
+                v = guided(model, x, sigma, y, cfg, pos=pos, cache=cache).float()
+                x0_hat = x - sigmas[k] * v  # the network's estimate of the clean chunk
+            if stats is not None:
+                stats["calls"] = stats.get("calls", 0) + 1
+                stats["grad_calls"] = stats.get("grad_calls", 0) + int(x0_hat.requires_grad)
+            if k < s:  # re-noise to the next level
+                eps = torch.randn_like(x) if fresh_noise else (x - (1 - sigmas[k]) * x0_hat) / sigmas[k]
+                x = ((1 - sigmas[k + 1]) * x0_hat + sigmas[k + 1] * eps).detach()
+        out.append(x0_hat)
+        if f0 + ch < n_frames:  # cache refresh at sigma = 0 (not needed after the last chunk)
+            ctx = x0_hat.detach() if context is None else context[:, f0:f0 + ch]
+            cache.straight_through = train_mode and kv_grad == "st"
+            with torch.no_grad(), autocast(c):
+                guided(model, ctx, torch.zeros(B, ch, device=c.device), y, cfg, pos=pos, cache=cache)
+            cache.straight_through = False
+            if stats is not None:
+                stats["calls"] += 1
+    return torch.cat(out, 1)
+
+
+def generate(model, kind, y, n_frames, c, context=None, noise=None):
+    """Inference for each method: 'teacher' bidirectional Euler; 'euler' AR many-step (TF / DF) with CFG;
+    'few' AR 4-step (ODE init, DMD generators) without CFG. -> (B, F, C, H, W)."""
+    with torch.no_grad():
+        if kind == "teacher":
+            return sample_teacher(model, c, y, n_frames)
+        if kind == "euler":
+            return rollout(model, y, n_frames, c, euler_sigmas(c)[:-1].tolist(), False, c.cfg, context=context,
+                           noise=noise)
+        return rollout(model, y, n_frames, c, few_step_sigmas(c).tolist(), True, 1.0, context=context, noise=noise)
+
+
+# ####################################################################################################
+# 9. DMD with a trained critic (Sec. 3.3): Self Forcing, TF+DMD and DF+DMD
+
+def score_sigma(B, c, device):
+    """One DMD noise level per video: uniform, shifted, clamped to [0.02, 0.98] (official)."""
+    return shift(torch.rand(B, 1, device=device), c.shift).clamp(0.02, 0.98).expand(-1, c.frames)
+
+
+def dmd_loss(x, y, teacher, critic, c):
+    """Distribution matching distillation (Eq. 5-6, the official form). x (B, F, C, H, W) generated with
+    grad. The gradient of KL(p_gen || p_data) w.r.t. x is the difference of the two scores at a random
+    noise level; in x0 terms: (x0_fake - x0_real), normalised per sample. Returns the surrogate loss
+    0.5 ||x - (x - grad).detach()||^2, whose gradient w.r.t. x is exactly grad / numel."""
+    with torch.no_grad():
+        sigma = score_sigma(len(x), c, x.device)
+        x_t = add_noise(x, sigma, torch.randn_like(x))
+        s = sigma[..., None, None, None]
+        with autocast(c):
+            x0_real = x_t - s * guided(teacher, x_t, sigma, y, c.cfg).float()  # real score, with CFG
+            x0_fake = x_t - s * critic(x_t, sigma, y).float()  # fake score: the critic, not the generator
+        norm = (x - x0_real).abs().mean((1, 2, 3, 4), keepdim=True)
+        grad = torch.nan_to_num((x0_fake - x0_real) / norm)
+    return 0.5 * Fn.mse_loss(x, (x - grad).detach())
+
+
+def distill(c, context):
+    """Generator: ODE init. Real score: the frozen teacher. Critic: its own copy of the teacher, trained
+    by flow matching on the generator's (detached) outputs, critic_ratio updates per generator update."""
+    teacher = build(c, load(os.path.join(c.out, "teacher.pt"), c, "teacher")["ema"]).eval().requires_grad_(False)
+    gen = build(c, load(os.path.join(c.out, "ode.pt"), c, "ode")["ema"])
+    critic = build(c, teacher.state_dict())  # never the generator: its own network
+    ema = copy.deepcopy(gen).requires_grad_(False)
+    opt_g = adamw(gen.parameters(), c.lr_gen, betas=(0.0, 0.999))
+    opt_c = adamw(critic.parameters(), c.lr_critic, betas=(0.0, 0.999))
+    data = Data(c) if context != "self" else None
+    grid = few_step_sigmas(c).to(c.device)
+
+    def generate_train(B):
+        """The generator's videos for the DMD loss (grad enabled only where the method allows)."""
+        y = torch.randint(0, gen.n_classes, (B,), device=c.device)
+        if context == "self":  # Alg. 1: its own rollout, one exit step shared by all chunks
+            s = int(torch.randint(c.few_steps, ()))
+            return rollout(gen, y, c.frames, c, grid.tolist(), True, exit_step=s, kv_grad=c.kv_grad), y
+        x_real, y = data.batch(B)  # CausVid: one parallel pass from real-data context
+        sigma, _ = chunk_sigmas(grid, B, c)
+        x_t = add_noise(x_real, sigma, torch.randn_like(x_real))
+        with autocast(c):
+            v = causal_forward(gen, x_t, sigma, y, c, context, x_clean=x_real).float()
+        return x_t - sigma[..., None, None, None] * v, y
+
+    def step(it):
+        for _ in range(c.critic_ratio):  # critic: flow matching on fresh, detached generator outputs
+            with torch.no_grad():
+                x, y = generate_train(c.batch)
+            sigma = score_sigma(c.batch, c, c.device)
+            with autocast(c):
+                lc = flow_matching_loss(critic, x.detach(), y, sigma)
+            opt_c.zero_grad(set_to_none=True)
+            lc.backward()
+            nn.utils.clip_grad_norm_(critic.parameters(), c.clip)
+            opt_c.step()
+        x, y = generate_train(c.batch)
+        lg = dmd_loss(x, y, teacher, critic, c)
+        opt_g.zero_grad(set_to_none=True)
+        lg.backward()
+        nn.utils.clip_grad_norm_(gen.parameters(), c.clip)
+        opt_g.step()
+        return {"dmd": lg.item(), "critic": lc.item()}
+
+    train(c, {"self": "sf", "tf": "tf_dmd", "df": "df_dmd"}[context],
+          {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c},
+          step, c.distill_iters, c.ema_distill)
+
+
+# ####################################################################################################
+# 10. Evaluation: every method, same labels and seeds, 1x and long, own context vs real context
+
+METHODS = [  # (checkpoint, label, sampler)
+    ("teacher", "teacher (bidir, many-step)", "teacher"),
+    ("tf", "TF (many-step)", "euler"),
+    ("df", "DF (many-step)", "euler"),
+    ("ode", "ODE init (4-step)", "few"),
+    ("tf_dmd", "TF+DMD (4-step)", "few"),
+    ("df_dmd", "DF+DMD (4-step)", "few"),
+    ("sf", "Self Forcing (4-step)", "few"),
+]
+
+
+def nfe_per_frame(kind, c, n_frames):
+    """Network evaluations per frame (a CFG pass counts twice)."""
+    if kind == "teacher":
+        return 2 * c.euler_steps
+    chunks = n_frames // c.chunk
+    steps, mult = (c.euler_steps, 2) if kind == "euler" else (c.few_steps, 1)
+    return mult * (chunks * steps + chunks - 1) / n_frames
+
+
+def evaluate(c, names=None):
+    """Scores every trained method with toy_data's metrics; writes results.json / results.md and a GIF."""
+    L = c.frames * c.long
+    real = toy_data.make_videos(c.n_eval, L, c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max),
+                                seed=10_000 + c.seed)
+    y = torch.from_numpy(real["labels"]).to(c.device)
+    ctx = torch.from_numpy(real["videos"]).to(c.device)
+    v_real = toy_data.real_speed(c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max))
+    sc = lambda v, n: toy_data.score(v[:, :n], real["labels"], v_real, c.frames, c.n_objects, c.radius)  # noqa
+    results, gifs = {"real": {"1x": sc(real["videos"], c.frames), "long": sc(real["videos"], L)}}, {}
+    gifs["real"] = toy_data.to_uint8(real["videos"][:1])[0]
+    for name, label, kind in METHODS:
+        path = os.path.join(c.out, name + ".pt")
+        if (names and name not in names) or not os.path.exists(path):
+            continue
+        model = build(c, load(path, c, name)["ema"]).eval()
+        r = {"label": label, "nfe_per_frame": nfe_per_frame(kind, c, c.frames)}
+        torch.manual_seed(c.seed + 99)
+        noise = torch.randn(c.n_eval, L, 3, c.size, c.size, device=c.device)
+        lengths = [("1x", c.frames)] + ([("long", L)] if kind != "teacher" else [])
+        for tag, n in lengths:
+            t0 = time.time()
+            vids = torch.cat([generate(model, kind, y[i:i + 256], n, c, noise=noise[i:i + 256, :n])
+                              for i in range(0, c.n_eval, 256)])
+            if c.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            r["sec_per_frame"] = (time.time() - t0) / (c.n_eval * n)
+            r[tag] = sc(vids.clamp(-1, 1).cpu().numpy(), n)
+            if tag == "long" or kind == "teacher":
+                gifs[name] = toy_data.to_uint8(vids[:1].clamp(-1, 1).cpu().numpy())[0]
+        if kind != "teacher":  # the exposure gap: the same model, each chunk made from REAL earlier frames
+            vids = torch.cat([generate(model, kind, y[i:i + 256], L, c, context=ctx[i:i + 256],
+                                       noise=noise[i:i + 256]) for i in range(0, c.n_eval, 256)])
+            r["real_ctx"] = sc(vids.clamp(-1, 1).cpu().numpy(), L)
+            r["exposure_gap"] = r["long"]["all"]["quality"] - r["real_ctx"]["all"]["quality"]
+        results[name] = r
+        print(f"[eval] {label}: quality 1x {r['1x']['all']['quality']:.3f}"
+              + (f", {c.long}x {r['long']['all']['quality']:.3f}" if "long" in r else ""))
+    write_results(c, results, gifs)
+    return results
+
+
+def write_results(c, results, gifs):
+    def to_py(o):
+        if isinstance(o, dict):
+            return {k: to_py(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [to_py(v) for v in o]
+        return float(o) if isinstance(o, (np.floating, np.integer)) else o
+
+    with open(os.path.join(c.out, "results.json"), "w") as f:
+        json.dump(to_py(results), f, indent=1)
+    ci = lambda s, k: f"{s[k]:.3f} [{s[k + '_ci'][0]:.2f}, {s[k + '_ci'][1]:.2f}]"  # noqa: E731
+    lines = [f"Device {c.device}, n_eval={c.n_eval}, {c.frames} frames (1x), {c.frames * c.long} ({c.long}x), "
+             f"chunk={c.chunk}. Quality = valid x physics x speed score (1 is real data); [95% CI].", "",
+             f"| method | NFE/frame | quality 1x | quality {c.long}x | speed ratio {c.long}x | valid {c.long}x "
+             f"| drift {c.long}x (last-first seg) | quality, real context {c.long}x | exposure gap |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if name == "real":
+            lines.append(f"| real data | - | {ci(r['1x']['all'], 'quality')} | {ci(r['long']['all'], 'quality')} | "
+                         f"{r['long']['all']['speed_ratio']:.2f} | {r['long']['all']['valid']:.3f} | "
+                         f"{r['long']['drift']:+.3f} | - | - |")
+            continue
+        lg = r.get("long")
+        lines.append(f"| {r['label']} | {r['nfe_per_frame']:.1f} | {ci(r['1x']['all'], 'quality')} | "
+                     + (f"{ci(lg['all'], 'quality')} | {lg['all']['speed_ratio']:.2f} | {lg['all']['valid']:.3f} | "
+                        f"{lg['drift']:+.3f} [{lg['drift_ci'][0]:+.2f}, {lg['drift_ci'][1]:+.2f}] | "
+                        f"{ci(r['real_ctx']['all'], 'quality')} | {r['exposure_gap']:+.3f} |" if lg else
+                        "- | - | - | - | - | - |"))
+    table = "\n".join(lines)
+    with open(os.path.join(c.out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    names = list(gifs)
+    toy_data.write_gif(os.path.join(c.out, "compare.gif"), [gifs[n] for n in names],
+                       [n.replace("_", "+") for n in names])
+    print(f"[eval] wrote {c.out}/results.md, results.json, compare.gif")
+
+
+# ####################################################################################################
+# 11. CLI
+
+def sample_stage(c, args):
+    name = args.model
+    kind = dict((n, k) for n, _, k in METHODS).get(name)
+    if kind is None:
+        raise UserError(f"--model={name!r}: choose one of {', '.join(n for n, _, _ in METHODS)}")
+    model = build(c, load(os.path.join(c.out, name + ".pt"), c, name)["ema"]).eval()
+    n = args.n_frames or c.frames
+    if n % c.chunk:
+        raise UserError(f"--n_frames={n} is not a multiple of chunk={c.chunk}")
+    torch.manual_seed(c.seed)
+    y = torch.arange(args.n, device=c.device) % model.n_classes
+    vids = toy_data.to_uint8(generate(model, kind, y, n, c).clamp(-1, 1).cpu().numpy())
+    path = os.path.join(c.out, f"samples_{name}")
+    np.savez(path + ".npz", videos=vids, labels=y.cpu().numpy())
+    toy_data.write_gif(path + ".gif", list(vids[:8]), [toy_data.SHAPES[i] for i in y[:8].tolist()])
+    print(f"[sample] wrote {path}.npz ({vids.shape}) and {path}.gif")
+
+
+STAGES = {
+    "demo": "(default) the whole pipeline on the preset, then eval: teacher, ode, tf, df, df+dmd, sf",
+    "teacher": "train the bidirectional many-step teacher (real score, critic init)",
+    "ode": "ODE-regression init of the causal few-step generator from teacher trajectories",
+    "diffusion": "many-step causal baseline by flow matching: --context tf | df",
+    "distill": "DMD few-step generator: --context self (Self Forcing) | tf | df (CausVid-style)",
+    "sample": "write samples_MODEL.npz (videos uint8 (N,F,H,W,3), labels) and a GIF: --model NAME",
+    "eval": "score every trained method at 1x and long, with real-context exposure gap",
+}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(
+        description="Self Forcing, minimal. Stages:\n" + "\n".join(f"  {k:9s} {v}" for k, v in STAGES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda msg: (print(f"error: {msg}", file=sys.stderr), sys.exit(2))  # one line, exit 2
+    p.add_argument("stage", nargs="?", default="demo", choices=list(STAGES), metavar="STAGE")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS))
+    p.add_argument("--fresh", action="store_true", help="retrain this stage even if a checkpoint exists")
+    p.add_argument("--context", default=None, help="tf | df for diffusion; self | tf | df for distill")
+    p.add_argument("--model", default="sf", help="checkpoint to sample from")
+    p.add_argument("--n", type=int, default=16, help="samples to write")
+    p.add_argument("--n_frames", type=int, default=0, help="frames to sample (default: frames)")
+    for f in dataclasses.fields(Config):
+        typ = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else \
+            {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+        p.add_argument(f"--{f.name}", type=typ, default=None)
+    return p.parse_args(argv)
+
+
+def make_config(args):
+    c = Config(**PRESETS[args.preset])
+    for f in dataclasses.fields(Config):
+        if getattr(args, f.name) is not None:
+            setattr(c, f.name, getattr(args, f.name))
+    check_config(c)
+    if c.device == "auto":
+        c.device = "cuda" if torch.cuda.is_available() else \
+            "mps" if torch.backends.mps.is_available() else "cpu"
+    c.out = c.out or os.path.join("runs", args.preset)
+    try:
+        os.makedirs(c.out, exist_ok=True)
+        with open(os.path.join(c.out, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(c.out, ".write_test"))
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {c.out!r}: {e.strerror}")
+    return c
+
+
+def run_stage(c, stage, context=None, fresh=False):
+    name = {"teacher": "teacher", "ode": "ode", "diffusion": context,
+            "distill": {"self": "sf", "tf": "tf_dmd", "df": "df_dmd"}.get(context)}[stage]
+    if fresh and os.path.exists(os.path.join(c.out, f"{name}.pt")):
+        os.remove(os.path.join(c.out, f"{name}.pt"))
+        if stage == "ode" and os.path.exists(os.path.join(c.out, "ode_pairs.pt")):
+            os.remove(os.path.join(c.out, "ode_pairs.pt"))
+    {"teacher": lambda: train_teacher(c), "ode": lambda: train_ode(c),
+     "diffusion": lambda: train_diffusion(c, context), "distill": lambda: distill(c, context)}[stage]()
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        c = make_config(args)
+        need = {"diffusion": ("tf", "df"), "distill": ("self", "tf", "df")}.get(args.stage)
+        if need and args.context not in need:
+            raise UserError(f"{args.stage} needs --context {' | '.join(need)}")
+        torch.manual_seed(c.seed)
+        if c.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = True
+        print("config:", json.dumps(dataclasses.asdict(c)))
+        if args.stage == "demo":
+            t0 = time.time()
+            for stage, ctx in [("teacher", None), ("ode", None), ("diffusion", "tf"), ("diffusion", "df"),
+                               ("distill", "df"), ("distill", "self")]:
+                run_stage(c, stage, ctx, args.fresh)
+                print(f"[demo] {stage} {ctx or ''} finished at {time.time() - t0:.0f}s")
+            evaluate(c)
+            print(f"[demo] done in {time.time() - t0:.0f}s")
+        elif args.stage == "sample":
+            sample_stage(c, args)
+        elif args.stage == "eval":
+            evaluate(c)
+        else:
+            run_stage(c, args.stage, args.context, args.fresh)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""Tests: each compares against an independent reference (a mask instead of a cache, a recomputed prefix
+instead of a cache, an analytic Gaussian score, the true physics). Run: python -m pytest -q"""
+import copy
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import self_forcing as sf
+import toy_data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cfg(**kw):
+    c = sf.Config(**{**sf.PRESETS["test"], "device": "cpu", **kw})
+    sf.check_config(c)
+    return c
+
+
+def random_model(c, seed=0):
+    """A DiT with EVERY weight random: adaLN-Zero and the zero head would otherwise make the blocks the
+    identity and the output 0, and any two attention paths would agree trivially."""
+    torch.manual_seed(seed)
+    m = sf.DiT(c)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    return m.eval()
+
+
+def inputs(c, B=2, F=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    F = F or c.frames
+    return (torch.randn(B, F, 3, c.size, c.size, generator=g), torch.rand(B, F, generator=g),
+            torch.randint(0, 3, (B,), generator=g))
+
+
+# ----------------------------------------------------------------------------------------------------
+# toy data and metrics
+
+def test_data_is_deterministic_and_obeys_physics():
+    a, b = toy_data.make_videos(8, 24, seed=3), toy_data.make_videos(8, 24, seed=3)
+    assert np.array_equal(a["videos"], b["videos"])
+    assert not np.array_equal(a["videos"], toy_data.make_videos(8, 24, seed=4)["videos"])
+    lo, hi = toy_data.walls(32, 3.5)
+    p, v = a["pos"], a["vel"]
+    # constant speed, elastic bounces: the next position is the folded straight-line step
+    assert np.allclose(np.linalg.norm(v, axis=-1), np.linalg.norm(v[:, :1], axis=-1), atol=1e-5)
+    assert np.allclose(toy_data.fold(p[:, :-1] + v[:, :-1], lo, hi), p[:, 1:], atol=1e-4)
+    assert (p >= lo - 1e-4).all() and (p <= hi + 1e-4).all()
+    assert (np.sign(v[:, 1:]) != np.sign(v[:, :-1])).any()  # bounces happen
+    # object k only in channel k; the centroid estimated from pixels matches the true centre
+    an = toy_data.analyse(a["videos"], a["labels"])
+    assert np.abs(an["centroid"] - p).max() < 0.1
+
+
+def test_metrics_real_near_perfect_and_corruptions_worse():
+    d = toy_data.make_videos(48, 16, seed=5)
+    vr = toy_data.real_speed()
+    s = lambda v, lab=d["labels"]: toy_data.score(v, lab, vr, 8, n_boot=10)["all"]  # noqa: E731
+    real = s(d["videos"])
+    assert real["valid"] == 1 and real["semantic"] == 1 and real["quality"] > 0.95
+    assert abs(real["speed_ratio"] - 1) < 0.1 and real["fidelity_err"] < 0.02
+    c = {k: s(toy_data.corrupt(d["videos"], k)) for k in
+         ("blur", "fade", "noise", "frozen", "vanish", "duplicate", "slow")}
+    assert c["blur"]["fidelity_err"] > 10 * real["fidelity_err"]
+    assert c["fade"]["valid"] < 0.5 and c["noise"]["valid"] < 0.5
+    assert c["frozen"]["speed_ratio"] < 0.05 and c["frozen"]["quality"] < 0.05  # frozen is NOT good
+    assert c["vanish"]["valid"] < 0.8 and c["duplicate"]["valid"] < 0.8
+    assert c["slow"]["phys"] < 0.5 and c["slow"]["quality"] < 0.5
+    assert s(d["videos"], (d["labels"] + 1) % 3)["semantic"] < 0.05  # wrong shape for the label
+
+
+# ----------------------------------------------------------------------------------------------------
+# the model: one attention path, cached == masked, no leakage, rolling window, RoPE
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_cached_forward_equals_block_causal_forward(chunk):
+    c = cfg(frames=6, chunk=chunk)
+    m = random_model(c)
+    x, sigma, y = inputs(c)
+    with torch.no_grad():
+        ref = m(x, sigma, y, mask=sf.block_causal_mask(6, chunk))
+        cache = sf.KVCache(c.depth, m.N, window=6)
+        for f0 in range(0, 6, chunk):
+            sl = slice(f0, f0 + chunk)
+            out = m(x[:, sl], sigma[:, sl], y, pos=torch.arange(f0, f0 + chunk), cache=cache)
+            assert (out - ref[:, sl]).abs().max() < 1e-5
+    assert ref.abs().mean() > 0.1  # a real signal, not two zeros
+
+
+def test_no_future_leakage_but_bidirectional_sees_everything():
+    c = cfg(frames=6, chunk=2)
+    m = random_model(c)
+    x, sigma, y = inputs(c)
+    x2 = x.clone()
+    x2[:, 4] += 1.0  # perturb frame 4 (chunk 2)
+    with torch.no_grad():
+        mask = sf.block_causal_mask(6, 2)
+        a, b = m(x, sigma, y, mask=mask), m(x2, sigma, y, mask=mask)
+        assert (a[:, :4] - b[:, :4]).abs().max() == 0  # earlier chunks: exactly unchanged
+        assert (a[:, 5] - b[:, 5]).abs().max() > 1e-3  # same chunk: bidirectional inside
+        a, b = m(x, sigma, y), m(x2, sigma, y)  # teacher / critic: full attention
+        assert (a[:, 0] - b[:, 0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("window,sink,chunk", [(4, 0, 2), (5, 1, 2), (3, 2, 1)])
+def test_rolling_cache_equals_windowed_attention(window, sink, chunk):
+    c = cfg(frames=10, chunk=chunk)
+    m = random_model(c)
+    x, sigma, y = inputs(c, F=10)
+    with torch.no_grad():
+        ref = m(x, sigma, y, mask=sf.block_causal_mask(10, chunk, window, sink))
+        cache = sf.KVCache(c.depth, m.N, window, sink)
+        for f0 in range(0, 10, chunk):
+            sl = slice(f0, f0 + chunk)
+            out = m(x[:, sl], sigma[:, sl], y, pos=torch.arange(f0, f0 + chunk), cache=cache)
+            assert (out - ref[:, sl]).abs().max() < 1e-5
+            assert len(cache.frames) <= window and cache.k[0].shape[2] <= window * m.N
+            assert cache.frames[:min(sink, f0 + chunk)].tolist() == list(range(min(sink, f0 + chunk)))
+        assert cache.frames.tolist() == list(range(sink)) + list(range(10 - (window - sink), 10))
+
+
+def test_rope_relative_and_cache_positions_continue():
+    c = cfg(frames=4, chunk=2)
+    m = random_model(c)
+    x, sigma, y = inputs(c)
+    with torch.no_grad():
+        a = m(x, sigma, y, mask=sf.block_causal_mask(4, 2))
+        b = m(x, sigma, y, pos=torch.arange(4) + 37, mask=sf.block_causal_mask(4, 2))
+        assert (a - b).abs().max() < 1e-4  # only relative frame offsets matter
+        # the pitfall: restarting positions at 0 for every cached chunk gives a different (wrong) result
+        cache = sf.KVCache(c.depth, m.N, 4)
+        m(x[:, :2], sigma[:, :2], y, pos=torch.arange(2), cache=cache)
+        wrong = m(x[:, 2:], sigma[:, 2:], y, pos=torch.arange(2), cache=cache)
+        assert (wrong - a[:, 2:]).abs().max() > 1e-3
+        assert cache.frames.tolist() == [0, 1]  # and that re-used slot 0-1 (overwrite, not append)
+
+
+def test_rerunning_a_chunk_overwrites_its_slots():
+    c = cfg(frames=4, chunk=2)
+    m = random_model(c)
+    x, sigma, y = inputs(c)
+    with torch.no_grad():
+        cache = sf.KVCache(c.depth, m.N, 4)
+        m(x[:, :2], sigma[:, :2], y, pos=torch.arange(2), cache=cache)
+        m(x[:, :2] * 0.5, sigma[:, :2], y, pos=torch.arange(2), cache=cache)  # e.g. next denoising step
+        m(x[:, :2], sigma[:, :2], y, pos=torch.arange(2), cache=cache)  # the refresh
+        assert cache.k[0].shape[2] == 2 * m.N
+        out = m(x[:, 2:], sigma[:, 2:], y, pos=torch.arange(2, 4), cache=cache)
+        ref = m(x, sigma, y, mask=sf.block_causal_mask(4, 2))[:, 2:]
+        assert (out - ref).abs().max() < 1e-5
+
+
+def test_teacher_forcing_mask():
+    m = sf.teacher_forcing_mask(4, 2)  # [clean 0..3 | noisy 0..3]
+    clean, noisy = range(4), range(4, 8)
+    for q in noisy:
+        for k in clean:
+            assert m[q, k] == ((k // 2) < ((q - 4) // 2))  # clean earlier chunks only
+        for k in noisy:
+            assert m[q, k] == ((k - 4) // 2 == (q - 4) // 2)  # its own noisy chunk
+    assert not m[:4, 4:].any()  # clean tokens never see noisy ones
+    assert torch.equal(m[:4, :4], sf.block_causal_mask(4, 2))
+
+
+def test_teacher_forcing_forward_ignores_noisy_context_and_later_clean():
+    c = cfg(frames=4, chunk=2)
+    m = random_model(c)
+    x, sigma, y = inputs(c)
+    clean = torch.randn_like(x)
+    with torch.no_grad():
+        a = sf.causal_forward(m, x, sigma, y, c, "tf", x_clean=clean)
+        x2, clean2 = x.clone(), clean.clone()
+        x2[:, 0] += 1  # the noisy copy of chunk 0 must not affect chunk 1 (it sees CLEAN chunk 0)
+        clean2[:, 2:] += 1  # nor may clean chunk 1 (the future of chunk 1's own noisy input)
+        b = sf.causal_forward(m, x2, sigma, y, c, "tf", x_clean=clean2)
+        assert (a[:, 2:] - b[:, 2:]).abs().max() == 0
+        clean2[:, 0] += 1  # but the clean earlier chunk matters
+        assert (sf.causal_forward(m, x, sigma, y, c, "tf", x_clean=clean2)[:, 2:] - a[:, 2:]).abs().max() > 1e-3
+
+
+def test_schedule_and_chunk_noise():
+    c = cfg()
+    s = sf.few_step_sigmas(c)
+    assert torch.allclose(s, torch.tensor([1, .9375, 5 / 6, .625]), atol=1e-4)  # official grid
+    e = sf.euler_sigmas(c)
+    assert e[0] == 1 and e[-1] == 0 and (e[1:] < e[:-1]).all()
+    stride = c.euler_steps // c.few_steps
+    assert torch.allclose(e[::stride][:-1], s)  # ODE pairs lie on the few-step grid
+    sig, _ = sf.chunk_sigmas(torch.rand(1000), 4000, cfg(frames=8, chunk=2))
+    assert (sig[:, 0] == sig[:, 1]).all()  # one level per chunk
+    assert abs(np.corrcoef(sig[:, 0], sig[:, 2])[0, 1]) < 0.05  # independent across chunks
+
+
+# ----------------------------------------------------------------------------------------------------
+# the rollout (Algorithm 1)
+
+def reference_rollout(m, y, noise, c, sigmas, n_frames):
+    """No cache at all: every call recomputes the whole prefix of clean outputs at sigma=0 plus the
+    current chunk, under the block-causal mask. Euler re-noising (deterministic)."""
+    out = []
+    for f0 in range(0, n_frames, c.chunk):
+        x = noise[:, f0:f0 + c.chunk]
+        for k in range(len(sigmas)):
+            seq = torch.cat(out + [x], 1)
+            sig = torch.cat([torch.zeros(len(y), f0), torch.full((len(y), c.chunk), sigmas[k])], 1)
+            v = m(seq, sig, y, mask=sf.block_causal_mask(f0 + c.chunk, c.chunk))[:, f0:]
+            x0 = x - sigmas[k] * v
+            if k + 1 < len(sigmas):
+                eps = (x - (1 - sigmas[k]) * x0) / sigmas[k]
+                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * eps
+        out.append(x0)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_rollout_with_cache_equals_recomputing_the_prefix(chunk):
+    """Also proves the cache holds the REFRESHED (sigma=0) keys of finished chunks: the reference has
+    no cache and conditions on the clean outputs."""
+    c = cfg(frames=4, chunk=chunk)
+    m = random_model(c)
+    _, _, y = inputs(c)
+    noise = torch.randn(2, 4, 3, c.size, c.size)
+    sigmas = [1.0, 0.8, 0.5, 0.2]
+    with torch.no_grad():
+        a = sf.rollout(m, y, 4, c, sigmas, fresh_noise=False, noise=noise)
+        b = reference_rollout(m, y, noise, c, sigmas, 4)
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_rollout_conditions_on_its_own_outputs():
+    c = cfg(frames=6, chunk=2)
+    m = random_model(c)
+    _, _, y = inputs(c)
+    noise = torch.randn(2, 6, 3, c.size, c.size)
+    n2 = noise.clone()
+    n2[:, :2] += 1  # change chunk 0's noise only
+    g = lambda n: sf.rollout(m, y, 6, c, [1.0, 0.5], False, noise=n)  # noqa: E731
+    with torch.no_grad():
+        a, b = g(noise), g(n2)
+    assert (a[:, 2:4] - b[:, 2:4]).abs().max() > 1e-3 and (a[:, 4:] - b[:, 4:]).abs().max() > 1e-3
+    # with REAL context instead (teacher-forced evaluation), chunk 0's noise no longer matters later
+    ctx = torch.randn(2, 6, 3, c.size, c.size)
+    with torch.no_grad():
+        a = sf.rollout(m, y, 6, c, [1.0, 0.5], False, noise=noise, context=ctx)
+        b = sf.rollout(m, y, 6, c, [1.0, 0.5], False, noise=n2, context=ctx)
+    assert (a[:, 2:] - b[:, 2:]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("s", [0, 1, 3])
+def test_training_rollout_passes_and_single_grad_pass_per_chunk(s):
+    c = cfg(frames=6, chunk=2)
+    m = random_model(c)
+    y = torch.tensor([0, 1])
+    stats = {}
+    x = sf.rollout(m, y, 6, c, sf.few_step_sigmas(c).tolist(), True, exit_step=s, stats=stats)
+    n_chunks = 3
+    assert stats["grad_calls"] == n_chunks  # exactly one grad-enabled pass per chunk: the exit step
+    assert stats["calls"] == n_chunks * (s + 1) + (n_chunks - 1)  # (s+1) steps + refresh (none after the last)
+    assert x.requires_grad
+
+
+def _grad_to_chunk0_noise(kv_grad, s):
+    c = cfg(frames=4, chunk=2)
+    m = random_model(c)
+    noise = torch.randn(2, 4, 3, c.size, c.size, requires_grad=True)
+    x = sf.rollout(m, torch.tensor([0, 1]), 4, c, [1.0, 0.9, 0.8, 0.6], True, exit_step=s,
+                   kv_grad=kv_grad, noise=noise)
+    x[:, 2:].sum().backward()  # a loss on chunk 1 only
+    g = noise.grad  # None: no path from the loss to the noise at all
+    return (0.0 if g is None else g[:, :2].abs().max().item()), m
+
+
+def test_kv_grad_detach_blocks_and_straight_through_passes_only_the_exit_step():
+    g, m = _grad_to_chunk0_noise("detach", 0)
+    assert g == 0  # detach: chunk 1's loss sends nothing into chunk 0 through the cache
+    g, m = _grad_to_chunk0_noise("st", 0)
+    assert g > 0  # straight-through: it reaches chunk 0's exit-step computation...
+    g, m = _grad_to_chunk0_noise("st", 2)
+    assert g == 0  # ...and only that: steps before the exit run under no_grad, so the noise gets none
+    for kv in ("detach", "st"):
+        _, m = _grad_to_chunk0_noise(kv, 1)
+        assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DMD
+
+def gaussian_v(mu, std):
+    """Exact flow v(x_t, sigma) of data N(mu, std^2) per element: the posterior mean of x0 given x_t."""
+    def v(x_t, sigma, y):
+        s = sigma[..., None, None, None]
+        a = 1 - s
+        x0 = mu + a * std ** 2 / (a ** 2 * std ** 2 + s ** 2) * (x_t - a * mu)
+        return (x_t - x0) / s
+    return v
+
+
+def test_dmd_gradient_zero_when_scores_agree_and_points_to_the_data():
+    c = cfg(frames=1, chunk=1, cfg=1.0)
+    x = torch.randn(64, 1, 1, 1, 16, requires_grad=True)
+    real = gaussian_v(2.0, 0.5)
+    sf.dmd_loss(x, None, real, real, c).backward()
+    assert x.grad.abs().max() == 0  # real == fake: nothing to move
+    x.grad = None
+    sf.dmd_loss(x, None, real, gaussian_v(0.0, 1.0), c).backward()
+    assert (x.grad.mean() < 0)  # descending moves the samples up, toward the data mean 2.0
+
+
+def test_dmd_with_trained_critic_moves_generator_to_target():
+    """Generator x = a z + b; real score exact for N(1.5, 0.5^2); the critic (a Gaussian score with
+    learnable mean/std) is trained by flow matching on generator samples, 5 updates per generator one."""
+    torch.manual_seed(0)
+    c = cfg(frames=1, chunk=1, cfg=1.0)
+    a, b = torch.tensor(1.0, requires_grad=True), torch.tensor(-1.0, requires_grad=True)
+    cm, cls = torch.tensor(0.0, requires_grad=True), torch.tensor(0.0, requires_grad=True)
+    critic = lambda x_t, sigma, y: gaussian_v(cm, cls.exp())(x_t, sigma, y)  # noqa: E731
+    og, oc = torch.optim.Adam([a, b], lr=0.02), torch.optim.Adam([cm, cls], lr=0.05)
+    real = gaussian_v(1.5, 0.5)
+    for it in range(300):
+        for _ in range(5):
+            x = (a * torch.randn(256, 1, 1, 1, 8) + b).detach()
+            lc = sf.flow_matching_loss(critic, x, None, sf.score_sigma(256, c, "cpu"))
+            oc.zero_grad()
+            lc.backward()
+            oc.step()
+        x = a * torch.randn(256, 1, 1, 1, 8) + b
+        og.zero_grad()
+        sf.dmd_loss(x, None, real, critic, c).backward()
+        og.step()
+    assert abs(b.item() - 1.5) < 0.1 and abs(abs(a.item()) - 0.5) < 0.1
+
+
+# ----------------------------------------------------------------------------------------------------
+# stages, checkpoints, CLI
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """The whole demo on the test preset, once for the module."""
+    d = str(tmp_path_factory.mktemp("run"))
+    sf.main(["--preset", "test", f"--out={d}", "--device=cpu"])
+    return d
+
+
+def test_demo_runs_every_stage_and_writes_results(run_dir):
+    for f in ("teacher", "ode", "tf", "df", "df_dmd", "sf"):
+        assert os.path.exists(os.path.join(run_dir, f + ".pt"))
+    for f in ("results.md", "results.json", "compare.gif"):
+        assert os.path.getsize(os.path.join(run_dir, f)) > 0
+
+
+class spy_steps:
+    """Wrap sf.train so that every training step's (index, losses) is appended to `seen`."""
+
+    def __init__(self, seen):
+        self.seen, self.orig = seen, sf.train
+
+    def __enter__(self):
+        def train(c_, name, nets, step_fn, iters, ema_decay=None):
+            def step(it):
+                out = step_fn(it)
+                self.seen.append((it, out))
+                return out
+            return self.orig(c_, name, nets, step, iters, ema_decay)
+        sf.train = train
+
+    def __exit__(self, *a):
+        sf.train = self.orig
+
+
+def test_teacher_loss_goes_down(tmp_path):
+    c = cfg(out=str(tmp_path), teacher_iters=40, batch=16, n_train=256)
+    torch.manual_seed(0)
+    seen = []
+    with spy_steps(seen):
+        sf.train_teacher(c)
+    losses = [out["loss"] for _, out in seen]
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_distill_trains_critic_and_generator_only(run_dir, tmp_path):
+    import shutil
+    for f in ("teacher.pt", "ode.pt"):
+        shutil.copy(os.path.join(run_dir, f), tmp_path / f)
+    c = cfg(out=str(tmp_path), distill_iters=1, critic_ratio=3)
+    teacher0 = torch.load(tmp_path / "teacher.pt", weights_only=True)["ema"]
+    ode0 = torch.load(tmp_path / "ode.pt", weights_only=True)["ema"]
+    calls, orig = [], sf.adamw
+
+    def spy(params, lr, betas=(0.9, 0.999)):  # distill makes the generator's optimizer, then the critic's
+        o, who = orig(params, lr, betas), ("gen", "critic")[len(calls) and 1]
+        calls.append(None)
+        step = o.step
+        o.step = lambda *a, **k: (steps.append(who), step(*a, **k))[1]
+        return o
+    steps = []
+    sf.adamw = spy
+    try:
+        sf.distill(c, "self")
+    finally:
+        sf.adamw = orig
+    assert steps == ["critic"] * 3 + ["gen"]  # critic_ratio critic updates per generator update
+    ck = torch.load(tmp_path / "sf.pt", weights_only=True)
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(torch.load(tmp_path / "teacher.pt", weights_only=True)["ema"], teacher0)  # teacher frozen
+    assert not same(ck["model"], ode0) and not same(ck["critic"], teacher0)  # both trained...
+    assert ck["model"].keys() == ck["critic"].keys() and not same(ck["model"], ck["critic"])  # ...and distinct
+
+
+def test_checkpoint_round_trip_and_resume(tmp_path):
+    c = cfg(out=str(tmp_path), teacher_iters=3, ckpt_every=3)
+    sf.train_teacher(c)
+    ck = sf.load(str(tmp_path / "teacher.pt"), c, "teacher")
+    assert ck["step"] == 3 and ck["config"]["width"] == c.width
+    m1, m2 = sf.build(c, ck["ema"]), sf.build(c, ck["ema"])
+    x, sigma, y = inputs(c)
+    assert torch.equal(m1(x, sigma, y), m2(x, sigma, y))
+    # an "interrupted" longer run continues from the checkpoint's step, not from 0
+    c.teacher_iters = 6
+    seen = []
+    with spy_steps(seen):
+        sf.train_teacher(c)
+    assert [it for it, _ in seen] == [3, 4, 5]
+    assert sf.load(str(tmp_path / "teacher.pt"), c, "teacher")["step"] == 6
+
+
+def test_sample_stage_writes_npz_and_gif(run_dir):
+    sf.main(["sample", "--preset", "test", f"--out={run_dir}", "--device=cpu", "--model", "sf", "--n", "3",
+             "--n_frames", "8"])
+    d = np.load(os.path.join(run_dir, "samples_sf.npz"))
+    c = cfg()
+    assert d["videos"].dtype == np.uint8 and d["videos"].shape == (3, 8, c.size, c.size, 3)
+    assert d["labels"].tolist() == [0, 1, 2]
+    assert os.path.getsize(os.path.join(run_dir, "samples_sf.gif")) > 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["bogus"], "invalid choice"),
+    (["--widht=3"], "unrecognized"),
+    (["--width=abc"], "invalid int"),
+    (["--frames=5"], "multiple of chunk"),
+    (["--window=1"], "window"),
+    (["--kv_grad=maybe"], "kv_grad"),
+    (["diffusion"], "--context"),
+    (["ode", "--out=/tmp/sf_empty_dir_for_test"], "missing checkpoint"),
+    (["--out=/proc/forbidden"], "cannot write"),
+])
+def test_cli_bad_input_one_line_exit_2(args, needle):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "self_forcing.py"), "--preset", "test", *args],
+                       capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_mismatched_checkpoint_is_refused(run_dir):
+    c = cfg(out=run_dir, width=48)
+    with pytest.raises(sf.UserError, match="width"):
+        sf.load(os.path.join(run_dir, "teacher.pt"), c, "teacher")
+    with open(os.path.join(run_dir, "broken.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(sf.UserError, match="cannot read"):
+        sf.load(os.path.join(run_dir, "broken.pt"), cfg(), "x")

@@ -1,0 +1,290 @@
+"""Synthetic moving-shape videos and physics-grounded metrics for `self_forcing.py`.
+
+Everything here is plain numpy, seeded and deterministic; nothing is learned, so a metric cannot be
+fooled by the models it judges.
+
+Data: object k lives ONLY in colour channel k (red, green, blue), so every channel of every frame holds
+exactly one object and can be analysed on its own. The label (the "prompt") picks the shape family of
+the whole clip. Objects move at constant velocity and bounce elastically off the walls; positions are
+sub-pixel and rendered anti-aliased, so motion is smooth.
+
+Metrics (per frame, per channel): find the object (mass, centroid), re-render the prompted shape there,
+and compare. Validity = the object is there, has the right mass, and nothing is stray. Motion = centroids
+follow constant velocity with bounces, at the speed of real data (a frozen video scores 0). Semantics =
+the best-fitting shape family is the label.
+"""
+import numpy as np
+
+SHAPES = ("square", "disc", "triangle")  # label -> shape family
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Rendering and the generator
+
+def shape_sdf(shape, dx, dy, r):
+    """Signed distance (pixels, <0 inside) of a shape of half-size r centred at the origin."""
+    if shape == 0:  # square
+        return np.maximum(np.abs(dx), np.abs(dy)) - r
+    if shape == 1:  # disc of the same area as the square
+        return np.sqrt(dx * dx + dy * dy) - r * 2 / np.sqrt(np.pi)
+    # upward equilateral triangle of the same area as the square, centroid at the origin: the max of the
+    # distances to its three edges (each edge lies h/3 from the centroid, outward unit normals)
+    h = np.sqrt(3) / 2 * (4 * r / 3 ** 0.25)  # height of a triangle of side 4r/3^(1/4)
+    n1 = (np.sqrt(3) / 2) * dx - 0.5 * dy - h / 3  # right edge
+    n2 = -(np.sqrt(3) / 2) * dx - 0.5 * dy - h / 3  # left edge
+    n3 = dy - h / 3  # bottom edge (y grows downwards)
+    return np.maximum(np.maximum(n1, n2), n3)
+
+
+def render(shape, cx, cy, size, r):
+    """Anti-aliased coverage in [0, 1] of shapes at centres (cx, cy): any shape (...), returns (..., size, size).
+
+    Pixel i covers [i, i+1); coverage = clip(0.5 - signed distance, 0, 1) (a one-pixel soft edge)."""
+    g = np.arange(size, dtype=np.float32) + 0.5
+    dx = g[None, :] - np.asarray(cx, np.float32)[..., None, None]  # (..., 1, W)
+    dy = g[:, None] - np.asarray(cy, np.float32)[..., None, None]  # (..., H, 1)
+    return np.clip(0.5 - shape_sdf(shape, dx, dy, r), 0.0, 1.0).astype(np.float32)
+
+
+def walls(size, r):
+    """Range of centres: every shape (the triangle reaches 1.76 r from its centroid) stays in the frame."""
+    return 1.76 * r + 0.5, size - 1.76 * r - 0.5
+
+
+def fold(p, lo, hi):
+    """Elastic bounces between lo and hi: the position of a free path p folded back into [lo, hi]."""
+    L = hi - lo
+    return lo + L - np.abs(np.mod(p - lo, 2 * L) - L)
+
+
+def make_videos(n, frames, size=32, n_objects=3, radius=3.5, speed=(1.0, 2.5), seed=0, labels=None):
+    """n clips of `frames` frames. Returns dict:
+    videos (n, F, 3, H, W) float32 in [-1, 1] (background -1); labels (n,) int;
+    pos (n, F, K, 2) true centres (x, y) in pixels; vel (n, F, K, 2) true velocities (px/frame)."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        labels = rng.integers(0, len(SHAPES), n)
+    labels = np.asarray(labels, dtype=np.int64)
+    lo, hi = walls(size, radius)
+    p0 = rng.uniform(lo, hi, (n, n_objects, 2))
+    angle = rng.uniform(0, 2 * np.pi, (n, n_objects))
+    spd = rng.uniform(*speed, (n, n_objects))
+    v0 = np.stack([np.cos(angle), np.sin(angle)], -1) * spd[..., None]  # (n, K, 2)
+    t = np.arange(frames, dtype=np.float64)[None, :, None, None]
+    free = p0[:, None] + t * v0[:, None]  # (n, F, K, 2) path without walls
+    pos = fold(free, lo, hi)
+    # velocity sign flips after each bounce: derivative of the fold
+    vel = np.sign(np.mod(free - lo, 2 * (hi - lo)) - (hi - lo)) * -1 * v0[:, None]
+    videos = np.full((n, frames, 3, size, size), -1.0, np.float32)
+    for s in range(len(SHAPES)):
+        idx = np.where(labels == s)[0]
+        if len(idx) == 0:
+            continue
+        cov = render(s, pos[idx, ..., 0], pos[idx, ..., 1], size, radius)  # (m, F, K, H, W)
+        videos[idx, :, :n_objects] = 2 * cov - 1
+    return dict(videos=videos, labels=labels, pos=pos.astype(np.float32), vel=vel.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Corruptions (for tests and for the reader who wants to see what each metric catches)
+
+def corrupt(videos, kind, rng=None):
+    """Return a corrupted copy of videos (N, F, 3, H, W)."""
+    rng = rng or np.random.default_rng(0)
+    v = videos.copy()
+    if kind == "blur":  # 3x3 box blur, twice
+        for _ in range(2):
+            p = np.pad(v, [(0, 0)] * 3 + [(1, 1), (1, 1)], mode="edge")
+            v = sum(p[..., i:i + v.shape[-2], j:j + v.shape[-1]] for i in range(3) for j in range(3)) / 9
+    elif kind == "fade":  # objects lose half their intensity
+        v = -1 + 0.5 * (v + 1)
+    elif kind == "noise":
+        v = np.clip(v + rng.normal(0, 0.3, v.shape), -1, 1)
+    elif kind == "frozen":  # the first frame forever
+        v[:] = v[:, :1]
+    elif kind == "vanish":  # object 0 disappears after the first frame
+        v[:, 1:, 0] = -1
+    elif kind == "duplicate":  # a second copy of object 0, shifted by 9 px (wrapping)
+        v[:, :, 0] = np.maximum(v[:, :, 0], np.roll(v[:, :, 0], 9, axis=-1))
+    elif kind == "slow":  # half the frame rate: every frame shown twice
+        v = np.repeat(v[:, ::2], 2, axis=1)[:, :v.shape[1]]
+    else:
+        raise ValueError(kind)
+    return v.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Per-frame analysis
+
+def analyse(videos, labels, n_objects=3, radius=3.5):
+    """Per frame and object: presence, centroid, fidelity error, validity, best-fitting shape.
+    videos (N, F, 3, H, W) in [-1, 1]. Returns dict of arrays of shape (N, F, K) (centroid (N, F, K, 2))."""
+    N, F, C, H, W = videos.shape
+    K = n_objects
+    ink = np.clip((videos[:, :, :K] + 1) / 2, 0, 1)  # (N, F, K, H, W) coverage per channel
+    area = render(0, H / 2, W / 2, H, radius).sum()  # true object area in pixels (all shapes equal)
+    mass = ink.sum((-1, -2))  # (N, F, K)
+    g = np.arange(H, dtype=np.float32) + 0.5
+    safe = np.maximum(mass, 1e-6)
+    cx = (ink.sum(-2) * g).sum(-1) / safe
+    cy = (ink.sum(-1) * g).sum(-1) / safe
+    present = mass > 0.5 * area
+    # re-render every shape family at the estimated centre and measure the error per channel
+    errs = np.stack([np.abs(ink - render(s, cx, cy, H, radius)).sum((-1, -2)) / area
+                     for s in range(len(SHAPES))], -1)  # (N, F, K, S) error in units of the object area
+    lab = np.broadcast_to(np.asarray(labels)[:, None, None], (N, F, K))
+    err = np.take_along_axis(errs, lab[..., None], -1)[..., 0]  # error of the prompted shape
+    far = np.hypot(g[None, :] - cx[..., None, None], g[:, None] - cy[..., None, None]) > 1.76 * radius + 1
+    stray = (ink * far).sum((-1, -2)) / area  # ink far from the object's centre (duplicates, noise)
+    valid = present & (np.abs(mass / area - 1) < 0.25) & (stray < 0.15) & (err < 0.5)
+    return dict(present=present, centroid=np.stack([cx, cy], -1), err=err, valid=valid,
+                shape=errs.argmin(-1), mass=mass / area)
+
+
+def motion(centroid, ok, size, radius):
+    """Physics consistency and speed from centroids (N, F, K, 2) and validity (N, F, K).
+    Returns per-transition arrays over frames 1..F-1 padded to F (first frame nan):
+    speed (N, F, K) = |c_t - c_{t-1}|, and phys_ok (N, F, K): c_t is where constant velocity with elastic
+    bounces puts it, from the two frames before (or from the velocity one frame earlier, if a bounce
+    spoiled the last difference). nan where it cannot be judged (invalid frames)."""
+    N, F, K, _ = centroid.shape
+    lo, hi = walls(size, radius)
+    speed = np.full((N, F, K), np.nan)
+    phys = np.full((N, F, K), np.nan)
+    d = centroid[:, 1:] - centroid[:, :-1]  # (N, F-1, K, 2)
+    both = ok[:, 1:] & ok[:, :-1]
+    speed[:, 1:] = np.where(both, np.linalg.norm(d, axis=-1), np.nan)
+    if F >= 3:
+        c = centroid
+        pred1 = fold(c[:, 1:-1] + d[:, :-1], lo, hi)  # from c_{t-1} and c_{t-2}
+        e = np.linalg.norm(c[:, 2:] - pred1, axis=-1)
+        if F >= 4:  # straight line from c_{t-2} with the velocity of (c_{t-3}, c_{t-2})
+            pred2 = fold(c[:, 1:-2] + 2 * d[:, :-2], lo, hi)
+            e2 = np.linalg.norm(c[:, 3:] - pred2, axis=-1)
+            e[:, 1:] = np.minimum(e[:, 1:], e2)
+        three = ok[:, 2:] & ok[:, 1:-1] & ok[:, :-2]
+        phys[:, 2:] = np.where(three, (e < 0.5).astype(float), np.nan)
+    return speed, phys
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Scores: per segment, headline quality, drift, bootstrap confidence intervals
+
+def _nanmean(a, axis):
+    n = np.sum(~np.isnan(a), axis)
+    return np.where(n > 0, np.nansum(a, axis) / np.maximum(n, 1), np.nan)
+
+
+def per_video(videos, labels, frames, n_objects=3, radius=3.5):
+    """Per-video statistics over the frame range `frames` (a slice). Returns dict of (N,) arrays."""
+    a = analyse(videos, labels, n_objects, radius)
+    speed, phys = motion(a["centroid"], a["valid"], videos.shape[-1], radius)
+    sl = lambda x: x[:, frames].reshape(len(x), -1)  # noqa: E731
+    right = np.where(sl(a["present"]), sl(a["shape"]) == np.asarray(labels)[:, None], np.nan)
+    return dict(valid=sl(a["valid"]).mean(1), err=sl(a["err"]).mean(1), semantic=_nanmean(right, 1),
+                phys=_nanmean(sl(phys), 1), speed=_nanmean(sl(speed), 1))
+
+
+def summarise(pv, real_speed):
+    """Set-level scores from per-video statistics. quality = mean(valid * phys) * min(S, 1/S), where S is
+    the mean object speed over the real data's mean speed: wrong motion costs as much as broken frames."""
+    ratio = np.nanmean(pv["speed"]) / real_speed if np.any(~np.isnan(pv["speed"])) else 0.0
+    ratio = 0.0 if np.isnan(ratio) else ratio
+    speed_score = min(ratio, 1 / ratio) if ratio > 0 else 0.0
+    vp = np.nan_to_num(pv["valid"] * pv["phys"])  # a video with nothing judgeable counts as 0
+    return dict(quality=vp.mean() * speed_score, valid=pv["valid"].mean(), fidelity_err=pv["err"].mean(),
+                phys=np.nanmean(pv["phys"]) if np.any(~np.isnan(pv["phys"])) else 0.0,
+                speed_ratio=ratio, semantic=np.nanmean(pv["semantic"]) if np.any(~np.isnan(pv["semantic"])) else 0.0)
+
+
+def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=200, seed=0):
+    """Score videos (N, F, 3, H, W) per segment of `segment` frames. Returns a dict:
+    segments: list of summaries (each metric with a 95% bootstrap CI as (lo, hi) under key+'_ci'),
+    all: the summary over every frame, drift: quality(last segment) - quality(first) with its CI."""
+    N, F = videos.shape[:2]
+    rng = np.random.default_rng(seed)
+    boots = [rng.integers(0, N, N) for _ in range(n_boot)]
+
+    def with_ci(pv):
+        s = summarise(pv, real_speed)
+        bs = [summarise({k: v[b] for k, v in pv.items()}, real_speed) for b in boots]
+        for k in list(s):
+            s[k + "_ci"] = tuple(np.percentile([b[k] for b in bs], [2.5, 97.5]))
+        return s, bs
+
+    out, seg_boot = dict(segments=[]), []
+    # a segment's motion uses the frames just before it, so that every transition is judged once
+    for i in range(0, F, segment):
+        s, bs = with_ci(per_video(videos, labels, slice(i, min(i + segment, F)), n_objects, radius))
+        out["segments"].append(s)
+        seg_boot.append(bs)
+    out["all"], _ = with_ci(per_video(videos, labels, slice(0, F), n_objects, radius))
+    d = [b1["quality"] - b0["quality"] for b0, b1 in zip(seg_boot[0], seg_boot[-1])]
+    out["drift"] = out["segments"][-1]["quality"] - out["segments"][0]["quality"]
+    out["drift_ci"] = tuple(np.percentile(d, [2.5, 97.5]))
+    return out
+
+
+def real_speed(size=32, n_objects=3, radius=3.5, speed=(1.0, 2.5), frames=16, n=256, seed=12345):
+    """Mean object speed of real videos as the metric measures it (the reference of the speed ratio)."""
+    d = make_videos(n, frames, size, n_objects, radius, speed, seed)
+    a = analyse(d["videos"], d["labels"], n_objects, radius)
+    sp, _ = motion(a["centroid"], a["valid"], size, radius)
+    return float(np.nanmean(sp))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Pictures
+
+_FONT = {  # 3x5 bitmap font for captions (no font files, no extra dependency)
+    "A": "010101111101101", "B": "110101110101110", "C": "011100100100011", "D": "110101101101110",
+    "E": "111100110100111", "F": "111100110100100", "G": "011100101101011", "H": "101101111101101",
+    "I": "111010010010111", "J": "001001001101010", "K": "101101110101101", "L": "100100100100111",
+    "M": "101111111101101", "N": "110101101101101", "O": "010101101101010", "P": "110101110100100",
+    "Q": "010101101110011", "R": "110101110101101", "S": "011100010001110", "T": "111010010010010",
+    "U": "101101101101111", "V": "101101101101010", "W": "101101111111101", "X": "101101010101101",
+    "Y": "101101010010010", "Z": "111001010100111", "0": "111101101101111", "1": "010110010010111",
+    "2": "110001010100111", "3": "110001010001110", "4": "101101111001001", "5": "111100110001110",
+    "6": "011100110101010", "7": "111001010010010", "8": "010101010101010", "9": "010101011001110",
+    "+": "000010111010000", "-": "000000111000000", ".": "000000000000010", "x": "000101010101000",
+    " ": "000000000000000", "/": "001001010100100", "=": "000111000111000", ":": "000010000010000",
+}
+
+
+def caption(text, width, scale=1):
+    """A (8*scale, width) uint8 strip with `text` written in white."""
+    strip = np.zeros((8, width), np.uint8)
+    x = 1
+    for ch in text.upper():
+        glyph = _FONT.get(ch, _FONT[" "])
+        if x + 3 > width:
+            break
+        strip[2:7, x:x + 3] = np.array([int(b) for b in glyph], np.uint8).reshape(5, 3) * 255
+        x += 4
+    return np.kron(strip, np.ones((scale, scale), np.uint8))
+
+
+def to_uint8(videos):
+    """(N, F, 3, H, W) in [-1, 1] -> (N, F, H, W, 3) uint8."""
+    return np.clip((videos.transpose(0, 1, 3, 4, 2) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def write_gif(path, panels, captions, scale=3, fps=8):
+    """Side-by-side GIF: panels is a list of uint8 videos (F, H, W, 3) (same H, W; shorter ones hold
+    their last frame), each with a caption above it."""
+    import imageio
+    F = max(len(p) for p in panels)
+    H, W = panels[0].shape[1:3]
+    frames = []
+    for f in range(F):
+        cols = []
+        for p, c in zip(panels, captions):
+            img = np.kron(p[min(f, len(p) - 1)], np.ones((scale, scale, 1), np.uint8))
+            cap = np.repeat(caption(c, W * scale // 2, 2)[..., None], 3, -1)  # text at 2x
+            cols.append(np.concatenate([cap, img], 0))
+            cols.append(np.full((cols[-1].shape[0], 2, 3), 64, np.uint8))  # separator
+        frame = np.concatenate(cols[:-1], 1)
+        bar = np.full((3, frame.shape[1], 3), 40, np.uint8)  # progress bar: where we are in time
+        bar[:, : int(frame.shape[1] * (f + 1) / F)] = (230, 180, 0)
+        frames.append(np.concatenate([frame, bar], 0))
+    imageio.mimsave(path, frames, duration=1 / fps, loop=0)
