@@ -115,9 +115,9 @@ PRESETS = {
                  teacher_iters=6, ode_pairs=16, ode_iters=4, diffusion_iters=4, distill_iters=2,
                  critic_ratio=2, n_eval=4, long=2, ckpt_every=3),
     "cpu": dict(),  # the defaults: ~15 minutes for the whole demo on a 2-core CPU
-    "gpu": dict(size=32, n_objects=3, radius=3.5, speed_min=1.0, speed_max=2.5, n_train=32000, patch=4,
-                width=192, depth=6, heads=6, euler_steps=32, batch=256, teacher_iters=2500,
-                ode_pairs=4096, ode_iters=1500, diffusion_iters=2500, distill_iters=300, n_eval=256),
+    "gpu": dict(size=32, n_objects=3, radius=3.5, speed_min=1.0, speed_max=2.5, n_train=16000, patch=4,
+                width=128, depth=4, heads=4, euler_steps=32, batch=256, teacher_iters=3000,
+                ode_pairs=2048, ode_iters=1000, diffusion_iters=2000, distill_iters=200, n_eval=256),
 }
 MODEL_FIELDS = ("size", "patch", "width", "depth", "heads")  # what a checkpoint must agree on
 

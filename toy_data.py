@@ -197,7 +197,7 @@ def summarise(pv, real_speed):
                 speed_ratio=ratio, semantic=np.nanmean(pv["semantic"]) if np.any(~np.isnan(pv["semantic"])) else 0.0)
 
 
-def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=200, seed=0):
+def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=100, seed=0):
     """Score videos (N, F, 3, H, W) per segment of `segment` frames. Returns a dict:
     segments: list of summaries (each metric with a 95% bootstrap CI as (lo, hi) under key+'_ci'),
     all: the summary over every frame, drift: quality(last segment) - quality(first) with its CI."""
