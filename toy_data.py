@@ -175,10 +175,20 @@ def _nanmean(a, axis):
     return np.where(n > 0, np.nansum(a, axis) / np.maximum(n, 1), np.nan)
 
 
-def per_video(videos, labels, frames, n_objects=3, radius=3.5):
-    """Per-video statistics over the frame range `frames` (a slice). Returns dict of (N,) arrays."""
+def per_video(videos, labels, frames, n_objects=3, radius=3.5, context=None, chunk=1):
+    """Per-video statistics over the frame range `frames` (a slice). Returns dict of (N,) arrays.
+    context (N, F, 3, H, W): the frames each chunk of `chunk` frames was conditioned on (real frames in a
+    teacher-forced evaluation): the motion of chunk i is judged from the context frames before it, so a
+    chunk that does not continue its context is penalised, and independent chunks are never compared."""
     a = analyse(videos, labels, n_objects, radius)
     speed, phys = motion(a["centroid"], a["valid"], videos.shape[-1], radius)
+    if context is not None:
+        b = analyse(context, labels, n_objects, radius)
+        for f0 in range(chunk, videos.shape[1], chunk):
+            cen = np.concatenate([b["centroid"][:, :f0], a["centroid"][:, f0:f0 + chunk]], 1)
+            ok = np.concatenate([b["valid"][:, :f0], a["valid"][:, f0:f0 + chunk]], 1)
+            sp, ph = motion(cen, ok, videos.shape[-1], radius)
+            speed[:, f0:f0 + chunk], phys[:, f0:f0 + chunk] = sp[:, f0:], ph[:, f0:]
     sl = lambda x: x[:, frames].reshape(len(x), -1)  # noqa: E731
     right = np.where(sl(a["present"]), sl(a["shape"]) == np.asarray(labels)[:, None], np.nan)
     return dict(valid=sl(a["valid"]).mean(1), err=sl(a["err"]).mean(1), semantic=_nanmean(right, 1),
@@ -197,10 +207,11 @@ def summarise(pv, real_speed):
                 speed_ratio=ratio, semantic=np.nanmean(pv["semantic"]) if np.any(~np.isnan(pv["semantic"])) else 0.0)
 
 
-def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=100, seed=0):
+def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=100, seed=0, context=None,
+          chunk=1):
     """Score videos (N, F, 3, H, W) per segment of `segment` frames. Returns a dict:
     segments: list of summaries (each metric with a 95% bootstrap CI as (lo, hi) under key+'_ci'),
-    all: the summary over every frame, drift: quality(last segment) - quality(first) with its CI."""
+    all: the summary over every frame; context, chunk: see per_video; drift: quality(last segment) - quality(first) with its CI."""
     N, F = videos.shape[:2]
     rng = np.random.default_rng(seed)
     boots = [rng.integers(0, N, N) for _ in range(n_boot)]
@@ -215,10 +226,10 @@ def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=1
     out, seg_boot = dict(segments=[]), []
     # a segment's motion uses the frames just before it, so that every transition is judged once
     for i in range(0, F, segment):
-        s, bs = with_ci(per_video(videos, labels, slice(i, min(i + segment, F)), n_objects, radius))
+        s, bs = with_ci(per_video(videos, labels, slice(i, min(i + segment, F)), n_objects, radius, context, chunk))
         out["segments"].append(s)
         seg_boot.append(bs)
-    out["all"], _ = with_ci(per_video(videos, labels, slice(0, F), n_objects, radius))
+    out["all"], _ = with_ci(per_video(videos, labels, slice(0, F), n_objects, radius, context, chunk))
     d = [b1["quality"] - b0["quality"] for b0, b1 in zip(seg_boot[0], seg_boot[-1])]
     out["drift"] = out["segments"][-1]["quality"] - out["segments"][0]["quality"]
     out["drift_ci"] = tuple(np.percentile(d, [2.5, 97.5]))
