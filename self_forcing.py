@@ -420,12 +420,12 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
     start = 0
     if os.path.exists(path):
         ck = load(path, c, name)
-        for k, m in nets.items():
-            m.load_state_dict(ck[k])
         start = ck["step"]
-        if start >= iters:
+        if start >= iters:  # later stages read only its "ema" weights
             print(f"[{name}] reusing finished checkpoint {path} ({start} steps)")
             return
+        for k, m in nets.items():
+            m.load_state_dict(ck[k])
         print(f"[{name}] resuming from step {start}")
 
     def checkpoint(step):
