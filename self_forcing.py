@@ -69,7 +69,7 @@ class Config:
     speed_max: float = 1.4
     n_train: int = 8000  # training clips, generated once, kept on the device (flips x2, time reversal x2)
     # model: a tiny DiT with per-frame adaLN-Zero and temporal RoPE
-    patch: int = 2  # patch size; tokens per frame N = (size/patch)^2 is the main cost
+    patch: int = 4  # patch size; tokens per frame N = (size/patch)^2 is the main cost
     width: int = 64  # D
     depth: int = 4  # transformer blocks
     heads: int = 4  # attention heads (head width D/heads)
@@ -84,11 +84,11 @@ class Config:
     # training (steps of every stage; the same for TF and DF, and for all three DMD methods)
     batch: int = 64
     lr: float = 1e-3  # AdamW learning rate of teacher, ODE, TF and DF
-    teacher_iters: int = 3000
-    ode_pairs: int = 1024  # teacher trajectories for the ODE init
-    ode_iters: int = 1000
-    diffusion_iters: int = 2000  # TF and DF many-step baselines (initialised from the teacher)
-    distill_iters: int = 300  # generator updates of SF, TF+DMD, DF+DMD
+    teacher_iters: int = 2000
+    ode_pairs: int = 512  # teacher trajectories for the ODE init
+    ode_iters: int = 500
+    diffusion_iters: int = 600  # TF and DF many-step baselines (initialised from the teacher)
+    distill_iters: int = 60  # generator updates of SF, TF+DMD, DF+DMD
     critic_ratio: int = 5  # critic updates per generator update (official 5:1)
     lr_gen: float = 1e-4  # DMD generator lr (AdamW betas (0, 0.999), as official)
     lr_critic: float = 1e-4  # DMD critic lr
@@ -114,7 +114,7 @@ PRESETS = {
                  width=32, depth=2, heads=2, frames=4, chunk=2, euler_steps=4, batch=8,
                  teacher_iters=6, ode_pairs=16, ode_iters=4, diffusion_iters=4, distill_iters=2,
                  critic_ratio=2, n_eval=4, long=2, ckpt_every=3),
-    "cpu": dict(),  # the defaults: ~15 minutes for the whole demo on a 2-core CPU
+    "cpu": dict(),  # the defaults (16x16 frames, 16 tokens per frame): sized for a 2-core CPU
     "gpu": dict(size=32, n_objects=3, radius=3.5, speed_min=1.0, speed_max=2.5, n_train=16000, patch=4,
                 width=128, depth=4, heads=4, euler_steps=32, batch=256, teacher_iters=4000,
                 ode_pairs=2048, ode_iters=1000, diffusion_iters=2000, distill_iters=200, n_eval=256),

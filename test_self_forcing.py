@@ -76,6 +76,18 @@ def test_metrics_real_near_perfect_and_corruptions_worse():
     assert s(d["videos"], (d["labels"] + 1) % 3)["semantic"] < 0.05  # wrong shape for the label
 
 
+def test_scoring_against_context():
+    """Teacher-forced evaluation: each chunk's motion is judged from the context it was given."""
+    d = toy_data.make_videos(32, 8, seed=6)
+    other = toy_data.make_videos(32, 8, seed=7, labels=d["labels"])  # same shapes, other trajectories
+    vr = toy_data.real_speed()
+    s = lambda v, ctx: toy_data.score(v, d["labels"], vr, 8, n_boot=5, context=ctx, chunk=2)["all"]  # noqa
+    plain = toy_data.score(d["videos"], d["labels"], vr, 8, n_boot=5)["all"]
+    assert s(d["videos"], d["videos"])["quality"] == plain["quality"]  # own context = plain scoring
+    # chunks that do not continue their context (taken from other videos) are penalised
+    assert s(other["videos"], d["videos"])["phys"] < 0.5 * plain["phys"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # the model: one attention path, cached == masked, no leakage, rolling window, RoPE
 
