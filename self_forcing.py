@@ -69,12 +69,12 @@ class Config:
     speed_max: float = 1.4
     n_train: int = 8000  # training clips, generated once, kept on the device (flips x2, time reversal x2)
     # model: a tiny DiT with per-frame adaLN-Zero and temporal RoPE
-    patch: int = 4  # patch size; tokens per frame N = (size/patch)^2 is the main cost
+    patch: int = 2  # N = (size/patch)^2 tokens per frame, the main cost; 16 (patch 4) did not learn shapes
     width: int = 64  # D
-    depth: int = 4  # transformer blocks
+    depth: int = 3  # transformer blocks
     heads: int = 4  # attention heads (head width D/heads)
-    frames: int = 8  # F_train: frames per training clip (the teacher's window)
-    chunk: int = 2  # frames per AR chunk: 1 = the paper's frame-wise setting, >1 chunk-wise
+    frames: int = 4  # F_train: frames per training clip (the teacher's window); attention cost ~ frames^2
+    chunk: int = 1  # frames per AR chunk: 1 = the paper's frame-wise setting, >1 chunk-wise
     # diffusion (flow matching: x_t = (1 - sigma) x0 + sigma eps, the network predicts v = eps - x0)
     shift: float = 5.0  # time shift k: sigma' = k sigma / (1 + (k-1) sigma), Wan/official value 5
     few_steps: int = 4  # K, steps of the few-step generator: grid [1, .75, .5, .25] shifted
@@ -82,9 +82,9 @@ class Config:
     cfg: float = 3.0  # classifier-free guidance scale (u + cfg (c - u)) for teacher / baselines / real score
     p_uncond: float = 0.1  # label dropout while training, so that CFG exists
     # training (steps of every stage; the same for TF and DF, and for all three DMD methods)
-    batch: int = 64
+    batch: int = 32
     lr: float = 1e-3  # AdamW learning rate of teacher, ODE, TF and DF
-    teacher_iters: int = 2000
+    teacher_iters: int = 2500
     ode_pairs: int = 512  # teacher trajectories for the ODE init
     ode_iters: int = 500
     diffusion_iters: int = 600  # TF and DF many-step baselines (initialised from the teacher)
@@ -114,9 +114,9 @@ PRESETS = {
                  width=32, depth=2, heads=2, frames=4, chunk=2, euler_steps=4, batch=8,
                  teacher_iters=6, ode_pairs=16, ode_iters=4, diffusion_iters=4, distill_iters=2,
                  critic_ratio=2, n_eval=4, long=2, ckpt_every=3),
-    "cpu": dict(),  # the defaults (16x16 frames, 16 tokens per frame): sized for a 2-core CPU
+    "cpu": dict(),  # the defaults (16x16, 64 tokens per frame, 4-frame clips, frame-wise): a 2-core CPU
     "gpu": dict(size=32, n_objects=3, radius=3.5, speed_min=1.0, speed_max=2.5, n_train=16000, patch=4,
-                width=128, depth=4, heads=4, euler_steps=32, batch=256, teacher_iters=4000,
+                width=128, depth=4, heads=4, frames=8, chunk=2, euler_steps=32, batch=256, teacher_iters=4000,
                 ode_pairs=2048, ode_iters=1000, diffusion_iters=2000, distill_iters=200, n_eval=256),
 }
 MODEL_FIELDS = ("size", "patch", "width", "depth", "heads")  # what a checkpoint must agree on
@@ -345,6 +345,7 @@ class KVCache:
         self.straight_through = False
 
     def begin(self, pos):
+        # Bookkeeping is per FRAME and shared by all layers; update() applies it to each layer's tensors.
         pos = pos.cpu()
         old = self.frames
         keep = old < pos[0]  # a re-run drops the chunk's own old slots: overwrite, not append
@@ -627,15 +628,19 @@ def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None,
     context: real frames (B, F, ...): refresh the cache with THEM instead of the model's output (the
     teacher-forced evaluation: chunk i from real chunks < i). stats: dict counting model calls."""
     B, ch = len(y), c.chunk
-    s = len(sigmas) - 1 if exit_step is None else exit_step
-    train_mode = torch.is_grad_enabled()
+    s = len(sigmas) - 1 if exit_step is None else exit_step  # inference: always exit at the last step
+    train_mode = torch.is_grad_enabled()  # the caller decides: no_grad for sampling, grad for Alg. 1
+    # A fresh cache per rollout. It holds at most `w` frames: past the training length it rolls.
     w = window or c.window or c.frames
     cache = KVCache(len(model.blocks), model.N, w, c.sink if sink is None else sink)
     out = []
-    for f0 in range(0, n_frames, ch):
-        pos = torch.arange(f0, f0 + ch, device=c.device)
+    for f0 in range(0, n_frames, ch):  # Alg. 1 line 3: for each chunk i = 1..N
+        pos = torch.arange(f0, f0 + ch, device=c.device)  # ABSOLUTE frame indices (RoPE, cache slots)
+        # Alg. 1 line 4: the chunk starts from pure Gaussian noise
         x = (torch.randn(B, ch, 3, c.size, c.size, device=c.device) if noise is None
              else noise[:, f0:f0 + ch])
+        # Alg. 1 lines 5-12: denoise with the K-step schedule, stopping at the exit step s.
+        # Only step s builds an autograd graph: the memory of one pass per chunk, however many steps.
         for k in range(s + 1):
             sigma = torch.full((B, ch), float(sigmas[k]), device=c.device)
             with torch.set_grad_enabled(train_mode and k == s), autocast(c):
@@ -647,7 +652,10 @@ def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None,
             if k < s:  # re-noise to the next level
                 eps = torch.randn_like(x) if fresh_noise else (x - (1 - sigmas[k]) * x0_hat) / sigmas[k]
                 x = ((1 - sigmas[k + 1]) * x0_hat + sigmas[k + 1] * eps).detach()
-        out.append(x0_hat)
+        out.append(x0_hat)  # Alg. 1 line 13: the chunk's output (with grad at the exit step)
+        # Alg. 1 line 14: write the chunk's keys/values computed from its CLEAN output (sigma = 0).
+        # Later chunks attend to these, exactly as at inference: this is what makes the context the
+        # model's own. (With `context`, the real frames are written instead: teacher-forced evaluation.)
         if f0 + ch < n_frames:  # cache refresh at sigma = 0 (not needed after the last chunk)
             ctx = x0_hat.detach() if context is None else context[:, f0:f0 + ch]
             cache.straight_through = train_mode and kv_grad == "st"
@@ -684,14 +692,16 @@ def dmd_loss(x, y, teacher, critic, c):
     grad. The gradient of KL(p_gen || p_data) w.r.t. x is the difference of the two scores at a random
     noise level; in x0 terms: (x0_fake - x0_real), normalised per sample. Returns the surrogate loss
     0.5 ||x - (x - grad).detach()||^2, whose gradient w.r.t. x is exactly grad / numel."""
-    with torch.no_grad():
+    with torch.no_grad():  # the scores are targets: no gradient through teacher or critic
         sigma = score_sigma(len(x), c, x.device)
-        x_t = add_noise(x, sigma, torch.randn_like(x))
+        x_t = add_noise(x, sigma, torch.randn_like(x))  # diffuse the generated video to a random level
         s = sigma[..., None, None, None]
         with autocast(c):
             x0_real = x_t - s * guided(teacher, x_t, sigma, y, c.cfg).float()  # real score, with CFG
             x0_fake = x_t - s * critic(x_t, sigma, y).float()  # fake score: the critic, not the generator
-        norm = (x - x0_real).abs().mean((1, 2, 3, 4), keepdim=True)
+        # descending along grad moves x toward what the teacher would denoise it to (x0_real) and away
+        # from what the critic, a model of the generator's own distribution, would (x0_fake)
+        norm = (x - x0_real).abs().mean((1, 2, 3, 4), keepdim=True)  # per-sample step size (DMD)
         grad = torch.nan_to_num((x0_fake - x0_real) / norm)
     return 0.5 * Fn.mse_loss(x, (x - grad).detach())
 
@@ -722,7 +732,10 @@ def distill(c, context):
         return x_t - sigma[..., None, None, None] * v, y
 
     def step(it):
-        for _ in range(c.critic_ratio):  # critic: flow matching on fresh, detached generator outputs
+        # The critic must track the generator's current distribution, so it is updated first, more often,
+        # each time on a fresh rollout: its flow-matching loss on generated videos makes critic(x_t) the
+        # score of p_gen, just as the teacher's loss on real videos made it the score of p_data.
+        for _ in range(c.critic_ratio):
             with torch.no_grad():
                 x, y = generate_train(c.batch)
             sigma = score_sigma(c.batch, c, c.device)
@@ -732,6 +745,7 @@ def distill(c, context):
             lc.backward()
             nn.utils.clip_grad_norm_(critic.parameters(), c.clip)
             opt_c.step()
+        # The generator update: one rollout with grad (Alg. 1), judged as a whole video by DMD.
         x, y = generate_train(c.batch)
         lg = dmd_loss(x, y, teacher, critic, c)
         opt_g.zero_grad(set_to_none=True)
