@@ -809,7 +809,7 @@ def evaluate(c, names=None):
                               for i in range(0, c.n_eval, 256)])
             if c.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            r["sec_per_frame"] = (time.time() - t0) / (c.n_eval * n)
+            r["ms_per_frame_" + tag] = 1000 * (time.time() - t0) / (c.n_eval * n)  # batched wall-clock
             r[tag] = sc(vids.clamp(-1, 1).cpu().numpy(), n)
             if tag == "long" or kind == "teacher":
                 gifs[name] = toy_data.to_uint8(vids[:1].clamp(-1, 1).cpu().numpy())[0]
@@ -839,17 +839,18 @@ def write_results(c, results, gifs):
     lines = [f"Device {c.device}, n_eval={c.n_eval}, {c.frames} frames (1x), {c.frames * c.long} ({c.long}x), "
              f"chunk={c.chunk}. Quality = valid x physics x speed score (1 is real data); [95% CI]. Exposure gap = "
              f"quality with REAL context - quality with its OWN context ({c.long}x): what exposure bias costs.", "",
-             f"| method | NFE/frame | quality 1x | quality {c.long}x | speed ratio {c.long}x | valid {c.long}x "
+             f"| method | NFE/frame | ms/frame | quality 1x | quality {c.long}x | speed ratio {c.long}x | valid {c.long}x "
              f"| drift {c.long}x (last-first seg) | quality, real context {c.long}x | exposure gap |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if name == "real":
-            lines.append(f"| real data | - | {ci(r['1x']['all'], 'quality')} | {ci(r['long']['all'], 'quality')} | "
+            lines.append(f"| real data | - | - | {ci(r['1x']['all'], 'quality')} | {ci(r['long']['all'], 'quality')} | "
                          f"{r['long']['all']['speed_ratio']:.2f} | {r['long']['all']['valid']:.3f} | "
                          f"{r['long']['drift']:+.3f} | - | - |")
             continue
         lg = r.get("long")
-        lines.append(f"| {r['label']} | {r['nfe_per_frame']:.1f} | {ci(r['1x']['all'], 'quality')} | "
+        lines.append(f"| {r['label']} | {r['nfe_per_frame']:.1f} | {r['ms_per_frame_1x']:.2f} | "
+                     f"{ci(r['1x']['all'], 'quality')} | "
                      + (f"{ci(lg['all'], 'quality')} | {lg['all']['speed_ratio']:.2f} | {lg['all']['valid']:.3f} | "
                         f"{lg['drift']:+.3f} [{lg['drift_ci'][0]:+.2f}, {lg['drift_ci'][1]:+.2f}] | "
                         f"{ci(r['real_ctx']['all'], 'quality')} | {r['exposure_gap']:+.3f} |" if lg else

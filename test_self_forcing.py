@@ -479,3 +479,13 @@ def test_mismatched_checkpoint_is_refused(run_dir):
         f.write(b"not a checkpoint")
     with pytest.raises(sf.UserError, match="cannot read"):
         sf.load(os.path.join(run_dir, "broken.pt"), cfg(), "x")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    c = cfg(out=str(tmp_path), teacher_iters=3, ckpt_every=3)
+    sf.train_teacher(c)
+    c.teacher_iters = 6
+    monkeypatch.setattr(sf, "flow_matching_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(sf.UserError, match="nan at step 3"):
+        sf.train_teacher(c)
+    assert sf.load(str(tmp_path / "teacher.pt"), c, "teacher")["step"] == 3
