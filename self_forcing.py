@@ -450,6 +450,14 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
           + ", ".join(f"{k} {v:.4f}" for k, v in avg.items()))
 
 
+def optimize(opt, loss, model, clip):
+    """One update: backward, clip the gradient norm (official: 10), step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+
+
 def adamw(params, lr, betas=(0.9, 0.999)):
     params = list(params)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.01, fused=params[0].is_cuda)
@@ -497,10 +505,7 @@ def train_teacher(c):
         sigma = sample_sigma(c.batch, 1, device=c.device).expand(-1, c.frames)  # one level per clip
         with autocast(c):
             loss = flow_matching_loss(model, x0, drop_labels(y, c.p_uncond, model.n_classes), sigma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), c.clip)
-        opt.step()
+        optimize(opt, loss, model, c.clip)
         return {"loss": loss.item()}
 
     train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, step, c.teacher_iters, c.ema)
@@ -575,10 +580,7 @@ def train_ode(c):
             v = causal_forward(model, x_t, sigma, ys[i], c, "df")
         x0_hat = x_t - sigma[..., None, None, None] * v.float()
         loss = Fn.mse_loss(x0_hat, x0s[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), c.clip)
-        opt.step()
+        optimize(opt, loss, model, c.clip)
         return {"loss": loss.item()}
 
     train(c, "ode", {"model": model, "ema": ema, "opt": opt}, step, c.ode_iters, c.ema)
@@ -600,10 +602,7 @@ def train_diffusion(c, context):
         with autocast(c):
             v = causal_forward(model, add_noise(x0, sigma, eps), sigma, y, c, context, x_clean=x0)
         loss = Fn.mse_loss(v.float(), eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), c.clip)
-        opt.step()
+        optimize(opt, loss, model, c.clip)
         return {"loss": loss.item()}
 
     train(c, context, {"model": model, "ema": ema, "opt": opt}, step, c.diffusion_iters, c.ema)
@@ -741,17 +740,11 @@ def distill(c, context):
             sigma = score_sigma(c.batch, c, c.device)
             with autocast(c):
                 lc = flow_matching_loss(critic, x.detach(), y, sigma)
-            opt_c.zero_grad(set_to_none=True)
-            lc.backward()
-            nn.utils.clip_grad_norm_(critic.parameters(), c.clip)
-            opt_c.step()
+            optimize(opt_c, lc, critic, c.clip)
         # The generator update: one rollout with grad (Alg. 1), judged as a whole video by DMD.
         x, y = generate_train(c.batch)
         lg = dmd_loss(x, y, teacher, critic, c)
-        opt_g.zero_grad(set_to_none=True)
-        lg.backward()
-        nn.utils.clip_grad_norm_(gen.parameters(), c.clip)
-        opt_g.step()
+        optimize(opt_g, lg, gen, c.clip)
         return {"dmd": lg.item(), "critic": lc.item()}
 
     train(c, {"self": "sf", "tf": "tf_dmd", "df": "df_dmd"}[context],
@@ -782,7 +775,7 @@ def nfe_per_frame(kind, c, n_frames):
     return mult * (chunks * steps + chunks - 1) / n_frames
 
 
-def evaluate(c, names=None):
+def evaluate(c):
     """Scores every trained method with toy_data's metrics; writes results.json / results.md and a GIF."""
     L = c.frames * c.long
     real = toy_data.make_videos(c.n_eval, L, c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max),
@@ -796,7 +789,7 @@ def evaluate(c, names=None):
     gifs["real"] = toy_data.to_uint8(real["videos"][:1])[0]
     for name, label, kind in METHODS:
         path = os.path.join(c.out, name + ".pt")
-        if (names and name not in names) or not os.path.exists(path):
+        if not os.path.exists(path):  # methods not trained yet are left out
             continue
         model = build(c, load(path, c, name)["ema"]).eval()
         r = {"label": label, "nfe_per_frame": nfe_per_frame(kind, c, c.frames)}
