@@ -153,6 +153,10 @@ def check_config(c):
 # ####################################################################################################
 # 2. Flow matching and the few-step schedule
 
+# Rectified flow: a straight line from data (sigma = 0) to noise (sigma = 1). The network predicts the
+# velocity v = eps - x0, so one network call gives both an Euler step (x + d_sigma * v) and a clean-frame
+# estimate x0_hat = x_t - sigma * v, which is what the few-step generator and DMD work with.
+
 def shift(sigma, k):
     """Time shift (SD3 / Wan): spends more steps at high noise. shift(0) = 0, shift(1) = 1."""
     return k * sigma / (1 + (k - 1) * sigma)
@@ -197,6 +201,11 @@ def apply_rope(x, cs):
     x1, x2 = x.float().chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
 
+
+# The three attention patterns of the paper's Fig. 2, as FRAME-level boolean masks (expanded to tokens in
+# DiT.forward). Full attention (mask None) is the teacher and the critic. The block-causal mask trains TF,
+# DF and the ODE init in parallel. The KV cache (section 4) needs no mask at all: a chunk's queries see
+# exactly what the cache holds, which is what the block-causal mask would let them see (tested).
 
 def block_causal_mask(n_frames, chunk, window=0, sink=0, device="cpu"):
     """(F, F) bool, True = may attend. Frame i sees frame j iff j's chunk is not after i's chunk
@@ -298,10 +307,12 @@ class DiT(nn.Module):
         B, F, C, H, W = x.shape
         p, n = self.p, H // self.p
         pos = torch.arange(F, device=x.device) if pos is None else pos
+        # patchify: every frame becomes N = n*n tokens of C*p*p pixels
         tok = x.reshape(B, F, C, n, p, n, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, F, n * n, C * p * p)
         h = self.embed(tok) + self.pos  # (B, F, N, D)
         half = torch.arange(128, device=x.device) / 128
         te = sigma[..., None] * 1000 * 10000 ** (-half)  # sinusoidal embedding of the noise level
+        # conditioning per FRAME: its own noise level (DF and the rollout mix levels) + the clip's label
         c = self.t_mlp(torch.cat([te.sin(), te.cos()], -1)) + self.y_emb(y)[:, None]  # (B, F, D)
         cs = rope(pos.repeat_interleave(self.N), self.hd)  # (F*N, hd/2): every token of a frame shares it
         if cache is not None:
@@ -309,6 +320,7 @@ class DiT(nn.Module):
         tmask = None if mask is None else frames_to_tokens(mask, self.N)
         for blk in self.blocks:
             h = blk(h, c, cs, tmask, cache)
+        # final adaLN and linear head back to pixels (zero-initialised: the untrained model predicts v = 0)
         shf, scl = self.ada(c)[:, :, None].chunk(2, -1)
         out = self.head(self.norm(h) * (1 + scl) + shf)  # (B, F, N, C p p)
         return out.view(B, F, n, n, C, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, F, C, H, W)
@@ -417,6 +429,8 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
     """Generic loop: nets = {"model": m, ...} trained by step_fn(it) -> dict of losses (it does its own
     optimizer steps). EMA of nets["model"] into nets["ema"]. Resumes from runs/.../name.pt if unfinished;
     a finished stage is reused. A NaN/Inf loss stops with the last good checkpoint kept."""
+    # A stage is a checkpoint file: its step counter says whether it is finished (reuse it), unfinished
+    # (resume it: an interrupted run loses at most ckpt_every steps) or missing (start from scratch).
     path = os.path.join(c.out, name + ".pt")
     start = 0
     if os.path.exists(path):
@@ -495,6 +509,10 @@ def flow_matching_loss(model, x0, y, sigma, **kw):
 # ####################################################################################################
 # 6. Teacher: bidirectional, many-step, label-conditional (the Wan2.1 stand-in, DMD's real score)
 
+# The teacher plays Wan2.1: a bidirectional model that sees the whole clip at once, trained by plain flow
+# matching on real clips. Every causal model starts from its weights; DMD uses it as the real score and
+# initialises the critic from it. Label dropout trains the unconditional model CFG needs.
+
 def train_teacher(c):
     data, model = Data(c), build(c)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -550,6 +568,10 @@ def causal_forward(model, x_noisy, sigma, y, c, context, x_clean=None):
     return v[:, F:]
 
 
+# Why an ODE init: DMD needs a generator that already produces roughly the right videos in 4 steps, or the
+# critic and the real score disagree everywhere. Regressing the causal student onto the teacher's
+# deterministic noise -> video map (the probability-flow ODE) gives that, cheaply and in parallel.
+
 def train_ode(c):
     """CausVid / Self Forcing init: regress the block-causal student onto the teacher's ODE solution.
     Pairs: x at the few-step grid's sigmas along teacher trajectories -> the trajectory's clean end."""
@@ -573,6 +595,8 @@ def train_ode(c):
     grid = few_step_sigmas(c).to(c.device)
 
     def step(it):
+        # Each chunk gets its own random point of the 4-step grid, read off its trajectory; the target is
+        # the trajectory's clean end. All chunks at once, under the block-causal mask.
         i = torch.randint(len(xs), (c.batch,), device=c.device)
         sigma, k = chunk_sigmas(grid, c.batch, c)  # a random grid point per chunk
         x_t = xs[i][torch.arange(c.batch, device=c.device)[:, None], k, torch.arange(c.frames, device=c.device)]
@@ -585,6 +609,10 @@ def train_ode(c):
 
     train(c, "ode", {"model": model, "ema": ema, "opt": opt}, step, c.ode_iters, c.ema)
 
+
+# TF and DF are the two ways to train a causal model on real videos in parallel (paper Sec. 2, Fig. 2a-b).
+# Both see only REAL frames as context during training; at inference both see their own outputs. That
+# train-test mismatch (exposure bias) is what Self Forcing removes.
 
 def train_diffusion(c, context):
     """Many-step causal baselines by flow matching on real clips, a noise level per chunk (official).
@@ -717,6 +745,9 @@ def distill(c, context):
     data = Data(c) if context != "self" else None
     grid = few_step_sigmas(c).to(c.device)
 
+    # The only difference between the three methods is where the generator's training videos come from:
+    # its own KV-cache rollout from noise (Self Forcing), or one parallel pass over noised REAL clips with
+    # clean (TF+DMD) or noisy (DF+DMD) real context. Everything after that, DMD and critic, is shared.
     def generate_train(B):
         """The generator's videos for the DMD loss (grad enabled only where the method allows)."""
         y = torch.randint(0, gen.n_classes, (B,), device=c.device)
@@ -777,6 +808,8 @@ def nfe_per_frame(kind, c, n_frames):
 
 def evaluate(c):
     """Scores every trained method with toy_data's metrics; writes results.json / results.md and a GIF."""
+    # One set of real videos fixes the labels (and the real context of the exposure-gap runs); one noise
+    # tensor fixes every method's starting noise: differences between rows are the methods, not luck.
     L = c.frames * c.long
     real = toy_data.make_videos(c.n_eval, L, c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max),
                                 seed=10_000 + c.seed)
@@ -921,8 +954,7 @@ def make_config(args):
     c.out = c.out or os.path.join("runs", args.preset)
     try:
         os.makedirs(c.out, exist_ok=True)
-        with open(os.path.join(c.out, ".write_test"), "w"):
-            pass
+        open(os.path.join(c.out, ".write_test"), "w").close()  # fail now, not after an hour of training
         os.remove(os.path.join(c.out, ".write_test"))
     except OSError as e:
         raise UserError(f"cannot write to output folder {c.out!r}: {e.strerror}")
