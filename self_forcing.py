@@ -40,9 +40,11 @@ the many-step baselines; DMD only (no SiD or GAN variants).
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -66,11 +68,11 @@ class Config:
     n_objects: int = 2  # objects per clip, object k in colour channel k
     radius: float = 2.0  # half side of the square (all shapes have its area)
     speed_min: float = 0.6  # object speed range in px/frame (uniform)
-    speed_max: float = 1.4
+    speed_max: float = 1.4  # (bounces keep each axis' speed)
     n_train: int = 8000  # training clips, generated once, kept on the device (flips x2, time reversal x2)
     # model: a tiny DiT with per-frame adaLN-Zero and temporal RoPE
     patch: int = 2  # N = (size/patch)^2 tokens per frame, the main cost; 16 (patch 4) did not learn shapes
-    width: int = 64  # D
+    width: int = 64  # D, the token width: with depth, the size of the model
     depth: int = 3  # transformer blocks
     heads: int = 4  # attention heads (head width D/heads)
     frames: int = 4  # F_train: frames per training clip (the teacher's window); attention cost ~ frames^2
@@ -82,11 +84,11 @@ class Config:
     cfg: float = 3.0  # classifier-free guidance scale (u + cfg (c - u)) for teacher / baselines / real score
     p_uncond: float = 0.1  # label dropout while training, so that CFG exists
     # training (steps of every stage; the same for TF and DF, and for all three DMD methods)
-    batch: int = 32
+    batch: int = 32  # clips per step, every stage
     lr: float = 1e-3  # AdamW learning rate of teacher, ODE, TF and DF
-    teacher_iters: int = 2500
+    teacher_iters: int = 2500  # teacher training steps
     ode_pairs: int = 512  # teacher trajectories for the ODE init
-    ode_iters: int = 500
+    ode_iters: int = 500  # ODE-regression steps (initialised from the teacher)
     diffusion_iters: int = 600  # TF and DF many-step baselines (initialised from the teacher)
     distill_iters: int = 60  # generator updates of SF, TF+DMD, DF+DMD
     critic_ratio: int = 5  # critic updates per generator update (official 5:1)
@@ -102,7 +104,7 @@ class Config:
     n_eval: int = 64  # evaluation samples (same labels and seeds for every method)
     long: int = 4  # the long evaluation is `long` x the training length
     # infrastructure
-    seed: int = 0
+    seed: int = 0  # data, training and evaluation seeds derive from it
     device: str = "auto"  # auto = cuda, else mps, else cpu
     amp: bool = True  # bf16 autocast on CUDA
     out: str = ""  # run folder; "" = runs/<preset>
@@ -935,10 +937,12 @@ def parse(argv):
     p.add_argument("--model", default="sf", help="checkpoint to sample from")
     p.add_argument("--n", type=int, default=16, help="samples to write")
     p.add_argument("--n_frames", type=int, default=0, help="frames to sample (default: frames)")
+    notes = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(Config), re.M))  # field comments
     for f in dataclasses.fields(Config):
         typ = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else \
             {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-        p.add_argument(f"--{f.name}", type=typ, default=None)
+        p.add_argument(f"--{f.name}", type=typ, default=None, metavar=type(f.default).__name__.upper(),
+                       help=f"{notes.get(f.name, '')} [cpu preset: {f.default}]")
     return p.parse_args(argv)
 
 

@@ -489,3 +489,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     with pytest.raises(sf.UserError, match="nan at step 3"):
         sf.train_teacher(c)
     assert sf.load(str(tmp_path / "teacher.pt"), c, "teacher")["step"] == 3
+
+
+def test_every_config_field_is_a_documented_flag():
+    r = subprocess.run([sys.executable, os.path.join(HERE, "self_forcing.py"), "--help"], capture_output=True,
+                       text=True, cwd=HERE, env={**os.environ, "COLUMNS": "250"}, timeout=60)
+    out = r.stdout.splitlines()
+    for f in dataclasses.fields(sf.Config):
+        i = next(i for i, ln in enumerate(out) if ln.strip().startswith(f"--{f.name} "))
+        text = " ".join(out[i].split()[2:] + " ".join(out[i + 1:i + 2]).split())  # long flags put the help on the next line
+        assert len(text.split("[cpu preset")[0].strip()) > 3, f.name
