@@ -483,9 +483,9 @@ class Data:
     """Real training clips, generated once (toy_data) and kept on the device; random flips and time
     reversal (both keep constant velocity and elastic bounces valid) make each batch fresh."""
 
-    def __init__(self, c, n=None, frames=None, seed=None):
-        d = toy_data.make_videos(n or c.n_train, frames or c.frames, c.size, c.n_objects, c.radius,
-                                 (c.speed_min, c.speed_max), c.seed + 1 if seed is None else seed)
+    def __init__(self, c):
+        d = toy_data.make_videos(c.n_train, c.frames, c.size, c.n_objects, c.radius,
+                                 (c.speed_min, c.speed_max), c.seed + 1)
         self.x = torch.from_numpy(d["videos"]).to(c.device)
         self.y = torch.from_numpy(d["labels"]).to(c.device)
 
@@ -735,6 +735,9 @@ def dmd_loss(x, y, teacher, critic, c):
     return 0.5 * Fn.mse_loss(x, (x - grad).detach())
 
 
+DISTILLED = {"self": "sf", "tf": "tf_dmd", "df": "df_dmd"}  # distill --context -> checkpoint name
+
+
 def distill(c, context):
     """Generator: ODE init. Real score: the frozen teacher. Critic: its own copy of the teacher, trained
     by flow matching on the generator's (detached) outputs, critic_ratio updates per generator update."""
@@ -780,7 +783,7 @@ def distill(c, context):
         optimize(opt_g, lg, gen, c.clip)
         return {"dmd": lg.item(), "critic": lc.item()}
 
-    train(c, {"self": "sf", "tf": "tf_dmd", "df": "df_dmd"}[context],
+    train(c, DISTILLED[context],
           {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c},
           step, c.distill_iters, c.ema_distill)
 
@@ -967,11 +970,11 @@ def make_config(args):
 
 def run_stage(c, stage, context=None, fresh=False):
     name = {"teacher": "teacher", "ode": "ode", "diffusion": context,
-            "distill": {"self": "sf", "tf": "tf_dmd", "df": "df_dmd"}.get(context)}[stage]
-    if fresh and os.path.exists(os.path.join(c.out, f"{name}.pt")):
-        os.remove(os.path.join(c.out, f"{name}.pt"))
-        if stage == "ode" and os.path.exists(os.path.join(c.out, "ode_pairs.pt")):
-            os.remove(os.path.join(c.out, "ode_pairs.pt"))
+            "distill": DISTILLED.get(context)}[stage]
+    if fresh:  # retrain: forget the checkpoint (and, for the ODE init, its teacher trajectories)
+        for f in [f"{name}.pt"] + (["ode_pairs.pt"] if stage == "ode" else []):
+            if os.path.exists(os.path.join(c.out, f)):
+                os.remove(os.path.join(c.out, f))
     {"teacher": lambda: train_teacher(c), "ode": lambda: train_ode(c),
      "diffusion": lambda: train_diffusion(c, context), "distill": lambda: distill(c, context)}[stage]()
 
