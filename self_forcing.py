@@ -189,6 +189,10 @@ def add_noise(x0, sigma, eps):
 # ####################################################################################################
 # 3. The causal video DiT: one attention path for bidirectional, block-causal and KV-cached use
 
+# Positions. Inside a frame, a learned spatial embedding (the frame size never changes). Across frames,
+# rotary embeddings of the frame index: a query at frame i and a key at frame j interact through i - j
+# only, so a model trained on 8 frames can roll out 64 with a sliding cache and never see a new offset.
+
 def rope(pos, dim, theta=10000.0):
     """cos, sin (L, dim/2) for token frame positions pos (L,): RoPE over the FRAME index only, so
     attention depends on relative frame offsets and a rolling cache can run past the training length."""
@@ -327,6 +331,10 @@ class DiT(nn.Module):
         out = self.head(self.norm(h) * (1 + scl) + shf)  # (B, F, N, C p p)
         return out.view(B, F, n, n, C, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, F, C, H, W)
 
+
+# Classifier-free guidance doubles the batch: the conditional and the unconditional halves share one
+# forward and, in a rollout, one KV cache of batch 2B. Both halves cache the SAME context frames (the
+# guided output), which is what "CFG with separate positive and negative caches" amounts to.
 
 def guided(model, x, sigma, y, cfg, **kw):
     """Classifier-free guidance: v = v_u + cfg (v_c - v_u), one batched pass of 2B (and a 2B cache)."""
@@ -531,6 +539,10 @@ def train_teacher(c):
     train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, step, c.teacher_iters, c.ema)
 
 
+# The teacher samples the whole clip at once: Euler steps along the flow, x <- x + (sigma' - sigma) v,
+# from sigma = 1 (noise) to 0 (data), on the shifted grid. Recording x at every (euler_steps / K)-th step
+# gives the ODE pairs, because the few-step grid is the shifted uniform grid too (tested).
+
 @torch.no_grad()
 def sample_teacher(model, c, y, n_frames, record=None):
     """Euler ODE sampler with CFG over the whole clip (bidirectional). record: list of Euler indices
@@ -711,6 +723,9 @@ def generate(model, kind, y, n_frames, c, context=None, noise=None):
 # ####################################################################################################
 # 9. DMD with a trained critic (Sec. 3.3): Self Forcing, TF+DMD and DF+DMD
 
+# DMD compares the two scores at ONE random noise level per video, not per frame: the teacher and the
+# critic are bidirectional models trained with one level per clip, and the loss judges the whole video.
+
 def score_sigma(B, c, device):
     """One DMD noise level per video: uniform, shifted, clamped to [0.02, 0.98] (official)."""
     return shift(torch.rand(B, 1, device=device), c.shift).clamp(0.02, 0.98).expand(-1, c.frames)
@@ -801,6 +816,9 @@ METHODS = [  # (checkpoint, label, sampler)
     ("sf", "Self Forcing (4-step)", "few"),
 ]
 
+
+# Sampling cost as the paper counts it: network evaluations per generated frame. The AR methods pay
+# one extra pass per chunk for the cache refresh (none after the last chunk).
 
 def nfe_per_frame(kind, c, n_frames):
     """Network evaluations per frame (a CFG pass counts twice)."""
