@@ -95,6 +95,8 @@ class Config:
     lr_gen: float = 1e-4  # DMD generator lr (AdamW betas (0, 0.999), as official)
     lr_critic: float = 1e-4  # DMD critic lr
     kv_grad: str = "detach"  # gradient through the KV cache in SF: detach | st (official straight-through)
+    train_frames: int = 0  # SF training rollout length; > frames: the cache rolls, DMD judges the last frames
+    restrict: bool = False  # SF training: the last chunk cannot attend to the first (paper Sec. 3.4)
     ema: float = 0.999  # EMA decay of teacher / ODE / TF / DF weights
     ema_distill: float = 0.99  # EMA decay of the DMD generators (official 0.99)
     clip: float = 10.0  # gradient-norm clipping (official 10)
@@ -142,6 +144,10 @@ def check_config(c):
         raise UserError("n_objects must be 1, 2 or 3 (one object per colour channel)")
     if c.kv_grad not in ("detach", "st"):
         raise UserError(f"kv_grad={c.kv_grad!r}: choose detach or st")
+    if c.train_frames and (c.train_frames < c.frames or c.train_frames % c.chunk):
+        raise UserError(f"train_frames={c.train_frames} must be >= frames={c.frames} and a multiple of chunk")
+    if c.restrict and c.frames < 2 * c.chunk:
+        raise UserError("restrict needs at least two chunks per clip")
     w = c.window or c.frames
     if w < c.chunk + c.sink:
         raise UserError(f"window={w} must hold a chunk ({c.chunk}) plus the sink ({c.sink})")
@@ -654,7 +660,7 @@ def train_diffusion(c, context):
 # 8. Autoregressive rollout: Algorithm 1 (training) and inference are the SAME loop
 
 def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None, kv_grad="detach",
-            context=None, noise=None, window=None, sink=None, stats=None):
+            context=None, noise=None, window=None, sink=None, grad_from=0, stats=None):
     """Generate n_frames chunk by chunk with the KV cache, exactly as at inference. -> (B, F, C, H, W).
 
     Per chunk (Alg. 1): start from noise; for k = 0..s: x0_hat = x - sigma_k v(x, sigma_k); then
@@ -667,7 +673,9 @@ def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None,
     run under no_grad, step s with grad (stochastic gradient truncation, Sec. 3.2), the refresh under
     no_grad; kv_grad says whether gradient may pass through the cache into earlier chunks ("st").
     context: real frames (B, F, ...): refresh the cache with THEM instead of the model's output (the
-    teacher-forced evaluation: chunk i from real chunks < i). stats: dict counting model calls."""
+    teacher-forced evaluation: chunk i from real chunks < i). grad_from: chunks that start before this
+    frame run wholly under no_grad (long training rollouts: the loss judges only the last frames).
+    stats: dict counting model calls and listing the cached frames each chunk attended to."""
     B, ch = len(y), c.chunk
     s = len(sigmas) - 1 if exit_step is None else exit_step  # inference: always exit at the last step
     train_mode = torch.is_grad_enabled()  # the caller decides: no_grad for sampling, grad for Alg. 1
@@ -684,7 +692,7 @@ def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None,
         # Only step s builds an autograd graph: the memory of one pass per chunk, however many steps.
         for k in range(s + 1):
             sigma = torch.full((B, ch), float(sigmas[k]), device=c.device)
-            with torch.set_grad_enabled(train_mode and k == s), autocast(c):
+            with torch.set_grad_enabled(train_mode and k == s and f0 >= grad_from), autocast(c):
                 v = guided(model, x, sigma, y, cfg, pos=pos, cache=cache).float()
                 x0_hat = x - sigmas[k] * v  # the network's estimate of the clean chunk
             if stats is not None:
@@ -693,6 +701,8 @@ def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None,
             if k < s:  # re-noise to the next level
                 eps = torch.randn_like(x) if fresh_noise else (x - (1 - sigmas[k]) * x0_hat) / sigmas[k]
                 x = ((1 - sigmas[k + 1]) * x0_hat + sigmas[k + 1] * eps).detach()
+        if stats is not None:
+            stats.setdefault("seen", []).append(cache.frames.tolist())  # what this chunk attended to
         out.append(x0_hat)  # Alg. 1 line 13: the chunk's output (with grad at the exit step)
         # Alg. 1 line 14: write the chunk's keys/values computed from its CLEAN output (sigma = 0).
         # Later chunks attend to these, exactly as at inference: this is what makes the context the
@@ -708,7 +718,7 @@ def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None,
     return torch.cat(out, 1)
 
 
-def generate(model, kind, y, n_frames, c, context=None, noise=None):
+def generate(model, kind, y, n_frames, c, context=None, noise=None, sink=None):
     """Inference for each method: 'teacher' bidirectional Euler; 'euler' AR many-step (TF / DF) with CFG;
     'few' AR 4-step (ODE init, DMD generators) without CFG. -> (B, F, C, H, W)."""
     with torch.no_grad():
@@ -716,8 +726,9 @@ def generate(model, kind, y, n_frames, c, context=None, noise=None):
             return sample_teacher(model, c, y, n_frames)
         if kind == "euler":
             return rollout(model, y, n_frames, c, euler_sigmas(c)[:-1].tolist(), False, c.cfg, context=context,
-                           noise=noise)
-        return rollout(model, y, n_frames, c, few_step_sigmas(c).tolist(), True, 1.0, context=context, noise=noise)
+                           noise=noise, sink=sink)
+        return rollout(model, y, n_frames, c, few_step_sigmas(c).tolist(), True, 1.0, context=context,
+                       noise=noise, sink=sink)
 
 
 # ####################################################################################################
@@ -753,6 +764,14 @@ def dmd_loss(x, y, teacher, critic, c):
 DISTILLED = {"self": "sf", "tf": "tf_dmd", "df": "df_dmd"}  # distill --context -> checkpoint name
 
 
+def distilled_name(c, context):
+    """Checkpoint name of a distill run; Self Forcing's long-rollout variants get their own file."""
+    name = DISTILLED[context]
+    if context == "self" and c.train_frames > c.frames:
+        name += f"_len{c.train_frames}"
+    return name + ("_restrict" if context == "self" and c.restrict else "")
+
+
 def distill(c, context):
     """Generator: ODE init. Real score: the frozen teacher. Critic: its own copy of the teacher, trained
     by flow matching on the generator's (detached) outputs, critic_ratio updates per generator update."""
@@ -773,7 +792,13 @@ def distill(c, context):
         y = torch.randint(0, gen.n_classes, (B,), device=c.device)
         if context == "self":  # Alg. 1: its own rollout, one exit step shared by all chunks
             s = int(torch.randint(c.few_steps, ()))
-            return rollout(gen, y, c.frames, c, grid.tolist(), True, exit_step=s, kv_grad=c.kv_grad), y
+            # Sec. 3.4: a rollout longer than the teacher's window rolls its cache as inference does, and
+            # only its last `frames` frames are judged (and get gradient). `restrict`: the last chunk
+            # cannot see the first, as a chunk far past the training length cannot.
+            n = c.train_frames or c.frames
+            x = rollout(gen, y, n, c, grid.tolist(), True, exit_step=s, kv_grad=c.kv_grad,
+                        window=c.frames - c.chunk * c.restrict, grad_from=n - c.frames)
+            return x[:, n - c.frames:], y
         x_real, y = data.batch(B)  # CausVid: one parallel pass from real-data context
         sigma, _ = chunk_sigmas(grid, B, c)
         x_t = add_noise(x_real, sigma, torch.randn_like(x_real))
@@ -798,7 +823,7 @@ def distill(c, context):
         optimize(opt_g, lg, gen, c.clip)
         return {"dmd": lg.item(), "critic": lc.item()}
 
-    train(c, DISTILLED[context],
+    train(c, distilled_name(c, context),
           {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c},
           step, c.distill_iters, c.ema_distill)
 
@@ -914,6 +939,119 @@ def write_results(c, results, gifs):
     print(f"[eval] wrote {c.out}/results.md, results.json, compare.gif")
 
 
+# The long view (Sec. 3.4): own-context rollouts to 16x the training length with a cache of fixed size
+# (window frames, plus a sink if set), scored per segment of `frames` frames: where does each method break?
+
+def long_runs(c):
+    """(checkpoint, label, sampler, sink) of every autoregressive method and Self Forcing variant here."""
+    runs = [(n, lab, k, c.sink) for n, lab, k in METHODS if k != "teacher"]
+    for f in sorted(os.listdir(c.out)):  # SF trained with long rollouts / the restriction (distilled_name)
+        m = re.fullmatch(r"sf_(len(\d+))?_?(restrict)?\.pt", f)
+        if m and f != "sf.pt":
+            runs.append((f[:-3], "SF" + (f", {m[2]}-frame rollouts" if m[2] else "") +
+                         (", restricted" if m[3] else ""), "few", c.sink))
+    if c.sink == 0:  # the same SF generator, its first chunk kept in the cache forever
+        runs.append(("sf", f"SF + sink of {c.chunk}", "few", c.chunk))
+    return runs
+
+
+def evaluate_long(c, mult=16, at=(1, 4, 8, 16)):
+    """Quality of the segments ending at 1x, 4x, 8x and 16x; writes results_long.md/json, long.gif."""
+    L = c.frames * mult
+    real = toy_data.make_videos(c.n_eval, L, c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max),
+                                seed=10_000 + c.seed)
+    y = torch.from_numpy(real["labels"]).to(c.device)
+    v_real = toy_data.real_speed(c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max))
+    sc = lambda v: toy_data.score(v, real["labels"], v_real, c.frames, c.n_objects, c.radius)  # noqa: E731
+    torch.manual_seed(c.seed + 99)
+    noise = torch.randn(c.n_eval, L, 3, c.size, c.size, device=c.device)
+    results, gifs = {"real": dict(label="real data", **sc(real["videos"]))}, {"real": real["videos"][0]}
+    for name, label, kind, sink in long_runs(c):
+        path = os.path.join(c.out, name + ".pt")
+        if not os.path.exists(path):
+            continue
+        model = build(c, load(path, c, name)["ema"]).eval()
+        vids = torch.cat([generate(model, kind, y[i:i + 256], L, c, noise=noise[i:i + 256], sink=sink)
+                          for i in range(0, c.n_eval, 256)]).clamp(-1, 1).cpu().numpy()
+        results[f"{name}_sink{sink}"] = dict(label=label, **sc(vids))
+        gifs[label] = vids[0]
+        print(f"[long] {label}: quality per segment "
+              + " ".join(f"{s['quality']:.2f}" for s in results[f"{name}_sink{sink}"]["segments"]))
+    ci = lambda s: f"{s['quality']:.3f} [{s['quality_ci'][0]:.2f}, {s['quality_ci'][1]:.2f}]"  # noqa: E731
+    lines = [f"Device {c.device}, n_eval={c.n_eval}, rollouts of {L} frames ({mult}x {c.frames}), chunk={c.chunk}, "
+             f"cache window {c.window or c.frames} frames. Quality of the segment of {c.frames} frames ending "
+             f"at Nx [95% CI]; drift = last segment - first.", "",
+             "| method | " + " | ".join(f"quality {a}x" for a in at) + f" | speed ratio {mult}x | valid {mult}x "
+             f"| drift {mult}x |", "|---" * (len(at) + 4) + "|"]
+    for r in results.values():
+        last = r["segments"][-1]
+        lines.append(f"| {r['label']} | " + " | ".join(ci(r["segments"][a - 1]) for a in at)
+                     + f" | {last['speed_ratio']:.2f} | {last['valid']:.3f} | {r['drift']:+.3f} "
+                     f"[{r['drift_ci'][0]:+.2f}, {r['drift_ci'][1]:+.2f}] |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(c.out, "results_long.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(c.out, "results_long.json"), "w") as f:
+        json.dump(json.loads(json.dumps(results, default=float)), f, indent=1)
+    toy_data.write_gif(os.path.join(c.out, "long.gif"), [toy_data.to_uint8(v[None])[0] for v in gifs.values()],
+                       [n.split(" (")[0].replace("_", "+") for n in gifs])
+    print(f"[long] wrote {c.out}/results_long.md, results_long.json, long.gif")
+    return results
+
+
+# The point of a rolling cache: the cost of a chunk does not depend on how long the video already is.
+
+def bench(c, mult=16, repeats=3):
+    """Few-step rollout of n_eval videos at 1x and 16x: mean wall-clock per chunk, peak memory (CUDA) and
+    KV-cache size, for the rolling cache and for one that grows without evicting. Ratios from one run."""
+    path = os.path.join(c.out, "sf.pt")  # the cost does not depend on the weights: untrained if missing
+    model = build(c, load(path, c, "sf")["ema"] if os.path.exists(path) else None).eval()
+    y = torch.zeros(c.n_eval, dtype=torch.long, device=c.device)
+    cuda = c.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    elem = 2 if cuda and c.amp else 4  # bytes per cached number (bf16 under autocast)
+    rows = []
+    generate(model, "few", y, 2 * c.chunk, c)  # warm-up
+    for cache in ("rolling", "growing"):
+        for m in (1, mult):
+            n = c.frames * m
+            window = (c.window or c.frames) if cache == "rolling" else n
+            times = []
+            for _ in range(repeats):
+                stats = {}
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                sync()
+                t0 = time.time()
+                with torch.no_grad():
+                    rollout(model, y, n, c, few_step_sigmas(c).tolist(), True, window=window, stats=stats)
+                sync()
+                times.append(time.time() - t0)
+            frames = max(len(s) for s in stats["seen"])  # frames attended by a chunk (cache + itself)
+            rows.append(dict(cache=cache, length=f"{m}x", frames=n, ms_per_chunk=1000 * np.median(times) / (n // c.chunk),
+                             attended_frames=frames, kv_mb=2 * c.depth * c.n_eval * frames * model.N * c.width * elem / 2**20,
+                             peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
+                             video_mb=c.n_eval * n * 3 * c.size ** 2 * 4 / 2**20))  # the output it returns
+    lines = [f"Device {c.device}, batch {c.n_eval}, {c.few_steps}-step rollout, chunk {c.chunk}, window "
+             f"{c.window or c.frames} frames; median of {repeats} runs.", "",
+             "| cache | length | ms per chunk | frames attended | KV cache MB | peak CUDA MB | output video MB |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['cache']} | {r['length']} ({r['frames']} frames) | {r['ms_per_chunk']:.2f} | {r['attended_frames']} "
+              f"| {r['kv_mb']:.1f} | {'-' if math.isnan(r['peak_mb']) else round(r['peak_mb'])} | {r['video_mb']:.0f} |"
+              for r in rows]
+    for cache in ("rolling", "growing"):
+        a, b = [r for r in rows if r["cache"] == cache]
+        lines.append(f"\n{cache}: {mult}x / 1x per-chunk time {b['ms_per_chunk'] / a['ms_per_chunk']:.2f}, "
+                     f"KV cache {b['kv_mb'] / a['kv_mb']:.2f}" + (f", peak memory {b['peak_mb'] / a['peak_mb']:.2f}" if cuda else ""))
+    lines.append("\nThe peak includes the video the rollout returns (held twice while its chunks are concatenated).")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(c.out, "bench.md"), "w") as f:
+        f.write(table + "\n")
+    return rows
+
+
 # ####################################################################################################
 # 11. CLI
 
@@ -943,6 +1081,8 @@ STAGES = {
     "distill": "DMD few-step generator: --context self (Self Forcing) | tf | df (CausVid-style)",
     "sample": "write samples_MODEL.npz (videos uint8 (N,F,H,W,3), labels) and a GIF: --model NAME",
     "eval": "score every trained method at 1x and long, with real-context exposure gap",
+    "long": "rolling-cache rollouts to 16x: quality per segment of every AR method (results_long.md)",
+    "bench": "per-chunk time and memory at 1x and 16x: rolling cache vs a growing one (bench.md)",
 }
 
 
@@ -988,7 +1128,7 @@ def make_config(args):
 
 def run_stage(c, stage, context=None, fresh=False):
     name = {"teacher": "teacher", "ode": "ode", "diffusion": context,
-            "distill": DISTILLED.get(context)}[stage]
+            "distill": context in DISTILLED and distilled_name(c, context)}[stage]
     if fresh:  # retrain: forget the checkpoint (and, for the ODE init, its teacher trajectories)
         for f in [f"{name}.pt"] + (["ode_pairs.pt"] if stage == "ode" else []):
             if os.path.exists(os.path.join(c.out, f)):
@@ -1018,8 +1158,8 @@ def main(argv=None):
             print(f"[demo] done in {time.time() - t0:.0f}s")
         elif args.stage == "sample":
             sample_stage(c, args)
-        elif args.stage == "eval":
-            evaluate(c)
+        elif args.stage in ("eval", "long", "bench"):
+            {"eval": evaluate, "long": evaluate_long, "bench": bench}[args.stage](c)
         else:
             run_stage(c, args.stage, args.context, args.fresh)
     except UserError as e:

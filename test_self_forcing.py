@@ -213,16 +213,17 @@ def test_schedule_and_chunk_noise():
 # ----------------------------------------------------------------------------------------------------
 # the rollout (Algorithm 1)
 
-def reference_rollout(m, y, noise, c, sigmas, n_frames):
+def reference_rollout(m, y, noise, c, sigmas, n_frames, window=0, sink=0):
     """No cache at all: every call recomputes the whole prefix of clean outputs at sigma=0 plus the
-    current chunk, under the block-causal mask. Euler re-noising (deterministic)."""
+    current chunk, under the block-causal mask (windowed: each stored clean frame is recomputed from
+    the window it had). Euler re-noising (deterministic)."""
     out = []
     for f0 in range(0, n_frames, c.chunk):
         x = noise[:, f0:f0 + c.chunk]
         for k in range(len(sigmas)):
             seq = torch.cat(out + [x], 1)
             sig = torch.cat([torch.zeros(len(y), f0), torch.full((len(y), c.chunk), sigmas[k])], 1)
-            v = m(seq, sig, y, mask=sf.block_causal_mask(f0 + c.chunk, c.chunk))[:, f0:]
+            v = m(seq, sig, y, mask=sf.block_causal_mask(f0 + c.chunk, c.chunk, window, sink))[:, f0:]
             x0 = x - sigmas[k] * v
             if k + 1 < len(sigmas):
                 eps = (x - (1 - sigmas[k]) * x0) / sigmas[k]
@@ -244,6 +245,47 @@ def test_rollout_with_cache_equals_recomputing_the_prefix(chunk):
         a = sf.rollout(m, y, 4, c, sigmas, fresh_noise=False, noise=noise)
         b = reference_rollout(m, y, noise, c, sigmas, 4)
     assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("window,sink", [(4, 0), (6, 2)])
+def test_rolling_rollout_far_past_the_window_equals_recomputing_from_clean_frames(window, sink):
+    """16 chunks through a cache of `window` frames: the same video as recomputing, for every chunk and
+    step, attention over the stored clean frames that the window allows; the cache never grows."""
+    c = cfg(frames=4, chunk=2)
+    m = random_model(c)
+    _, _, y = inputs(c)
+    n = 32
+    noise = torch.randn(2, n, 3, c.size, c.size)
+    stats = {}
+    with torch.no_grad():
+        a = sf.rollout(m, y, n, c, [1.0, 0.6], False, noise=noise, window=window, sink=sink, stats=stats)
+        b = reference_rollout(m, y, noise, c, [1.0, 0.6], n, window, sink)
+    assert (a - b).abs().max() < 1e-4
+    for i, seen in enumerate(stats["seen"]):  # the frames chunk i attended to (cache + itself)
+        f0 = i * c.chunk
+        assert len(seen) <= window  # the window counts the sink and the chunk being made
+        assert seen[:min(sink, f0)] == list(range(min(sink, f0)))  # the sink: the first frames, forever
+        assert seen[-(window - sink):] == list(range(max(0, f0 + c.chunk - (window - sink)), f0 + c.chunk))
+
+
+def test_long_training_rollout_rolls_judges_the_last_frames_and_restricts():
+    """train_frames > frames: gradient only in the last `frames` frames, the cache rolls at `frames`;
+    with the restriction, the last chunk of a training rollout never sees the first chunk's keys."""
+    c = cfg(frames=4, chunk=1)
+    m = random_model(c)
+    y = torch.tensor([0, 1])
+    for restrict in (False, True):
+        stats = {}
+        w = c.frames - c.chunk * restrict
+        x = sf.rollout(m, y, 4, c, [1.0, 0.6], True, exit_step=1, window=w, stats=stats)
+        assert (0 in stats["seen"][-1]) == (not restrict)  # the last chunk sees frame 0 unless restricted
+        assert stats["seen"][:-1] == [[0], [0, 1], [0, 1, 2]]  # earlier chunks: unchanged
+    stats = {}
+    x = sf.rollout(m, y, 12, c, [1.0, 0.6], True, exit_step=1, window=4, grad_from=8, stats=stats)
+    assert stats["grad_calls"] == 4 and x[:, 8:].requires_grad  # one grad pass for each judged chunk...
+    x[:, 8:].sum().backward()
+    assert all(p.grad is not None for p in m.parameters())  # ...and a gradient from them
+    assert max(len(s) for s in stats["seen"]) == 4 and stats["seen"][-1] == [8, 9, 10, 11]
 
 
 def test_rollout_conditions_on_its_own_outputs():
@@ -365,6 +407,24 @@ def test_demo_runs_every_stage_and_writes_results(run_dir):
         assert os.path.exists(os.path.join(run_dir, f + ".pt"))
     for f in ("results.md", "results.json", "compare.gif"):
         assert os.path.getsize(os.path.join(run_dir, f)) > 0
+
+
+def test_long_view_and_bench_stages(run_dir, tmp_path):
+    import shutil
+    for f in ("teacher.pt", "ode.pt", "tf.pt", "sf.pt"):
+        shutil.copy(os.path.join(run_dir, f), tmp_path / f)
+    args = ["--preset", "test", f"--out={tmp_path}", "--device=cpu"]
+    sf.main(["distill", "--context", "self", "--train_frames=8", "--restrict=true"] + args)
+    assert (tmp_path / "sf_len8_restrict.pt").exists() and sf.torch.load(
+        tmp_path / "sf_len8_restrict.pt", weights_only=True)["step"] == 2  # its own file, not sf.pt
+    res = sf.evaluate_long(sf.make_config(sf.parse(["long"] + args)), mult=4, at=(1, 4))
+    labels = [r["label"] for r in res.values()]
+    assert labels == ["real data", "TF (many-step)", "ODE init (4-step)", "Self Forcing (4-step)",
+                      "SF, 8-frame rollouts, restricted", "SF + sink of 2"]
+    assert all(len(r["segments"]) == 4 for r in res.values()) and (tmp_path / "long.gif").exists()
+    rows = sf.bench(sf.make_config(sf.parse(["bench"] + args)), mult=4, repeats=1)
+    frames = {(r["cache"], r["length"]): r["attended_frames"] for r in rows}
+    assert frames == {("rolling", "1x"): 4, ("rolling", "4x"): 4, ("growing", "1x"): 4, ("growing", "4x"): 16}
 
 
 class spy_steps:

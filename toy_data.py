@@ -175,11 +175,25 @@ def _nanmean(a, axis):
     return np.where(n > 0, np.nansum(a, axis) / np.maximum(n, 1), np.nan)
 
 
-def per_video(videos, labels, frames, n_objects=3, radius=3.5, context=None, chunk=1):
+def per_video(videos, labels, frames, n_objects=3, radius=3.5, context=None, chunk=1, _cache=None):
     """Per-video statistics over the frame range `frames` (a slice). Returns dict of (N,) arrays.
     context (N, F, 3, H, W): the frames each chunk of `chunk` frames was conditioned on (real frames in a
     teacher-forced evaluation): the motion of chunk i is judged from the context frames before it, so a
-    chunk that does not continue its context is penalised, and independent chunks are never compared."""
+    chunk that does not continue its context is penalised, and independent chunks are never compared.
+    _cache: a dict kept between calls on the same videos (score() slices one analysis per segment)."""
+    if _cache is not None and "a" in _cache:
+        a, speed, phys = _cache["a"], _cache["speed"], _cache["phys"]
+    else:
+        a, speed, phys = _frame_stats(videos, labels, n_objects, radius, context, chunk)
+        if _cache is not None:
+            _cache.update(a=a, speed=speed, phys=phys)
+    sl = lambda x: x[:, frames].reshape(len(x), -1)  # noqa: E731
+    right = np.where(sl(a["present"]), sl(a["shape"]) == np.asarray(labels)[:, None], np.nan)
+    return dict(valid=sl(a["valid"]).mean(1), err=sl(a["err"]).mean(1), semantic=_nanmean(right, 1),
+                phys=_nanmean(sl(phys), 1), speed=_nanmean(sl(speed), 1))
+
+
+def _frame_stats(videos, labels, n_objects, radius, context, chunk):
     a = analyse(videos, labels, n_objects, radius)
     speed, phys = motion(a["centroid"], a["valid"], videos.shape[-1], radius)
     if context is not None:
@@ -189,10 +203,7 @@ def per_video(videos, labels, frames, n_objects=3, radius=3.5, context=None, chu
             ok = np.concatenate([b["valid"][:, :f0], a["valid"][:, f0:f0 + chunk]], 1)
             sp, ph = motion(cen, ok, videos.shape[-1], radius)
             speed[:, f0:f0 + chunk], phys[:, f0:f0 + chunk] = sp[:, f0:], ph[:, f0:]
-    sl = lambda x: x[:, frames].reshape(len(x), -1)  # noqa: E731
-    right = np.where(sl(a["present"]), sl(a["shape"]) == np.asarray(labels)[:, None], np.nan)
-    return dict(valid=sl(a["valid"]).mean(1), err=sl(a["err"]).mean(1), semantic=_nanmean(right, 1),
-                phys=_nanmean(sl(phys), 1), speed=_nanmean(sl(speed), 1))
+    return a, speed, phys
 
 
 def summarise(pv, real_speed):
@@ -223,13 +234,14 @@ def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=1
             s[k + "_ci"] = tuple(np.percentile([b[k] for b in bs], [2.5, 97.5]))
         return s, bs
 
-    out, seg_boot = dict(segments=[]), []
+    out, seg_boot, memo = dict(segments=[]), [], {}  # memo: the frames are analysed once, then sliced
     # a segment's motion uses the frames just before it, so that every transition is judged once
     for i in range(0, F, segment):
-        s, bs = with_ci(per_video(videos, labels, slice(i, min(i + segment, F)), n_objects, radius, context, chunk))
+        s, bs = with_ci(per_video(videos, labels, slice(i, min(i + segment, F)), n_objects, radius, context, chunk,
+                                  memo))
         out["segments"].append(s)
         seg_boot.append(bs)
-    out["all"], _ = with_ci(per_video(videos, labels, slice(0, F), n_objects, radius, context, chunk))
+    out["all"], _ = with_ci(per_video(videos, labels, slice(0, F), n_objects, radius, context, chunk, memo))
     d = [b1["quality"] - b0["quality"] for b0, b1 in zip(seg_boot[0], seg_boot[-1])]
     out["drift"] = out["segments"][-1]["quality"] - out["segments"][0]["quality"]
     out["drift_ci"] = tuple(np.percentile(d, [2.5, 97.5]))
