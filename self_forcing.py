@@ -854,16 +854,34 @@ def nfe_per_frame(kind, c, n_frames):
     return mult * (chunks * steps + chunks - 1) / n_frames
 
 
-def evaluate(c):
-    """Scores every trained method with toy_data's metrics; writes results.json / results.md and a GIF."""
-    # One set of real videos fixes the labels (and the real context of the exposure-gap runs); one noise
-    # tensor fixes every method's starting noise: differences between rows are the methods, not luck.
-    L = c.frames * c.long
+def eval_set(c, L):
+    """What every method is judged on: real videos of L frames (their labels are the prompts, their frames
+    the real context of the exposure-gap runs) and their mean speed. -> real (dict), y, v_real."""
     real = toy_data.make_videos(c.n_eval, L, c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max),
                                 seed=10_000 + c.seed)
-    y = torch.from_numpy(real["labels"]).to(c.device)
-    ctx = torch.from_numpy(real["videos"]).to(c.device)
     v_real = toy_data.real_speed(c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max))
+    return real, torch.from_numpy(real["labels"]).to(c.device), v_real
+
+
+def eval_noise(c, L):
+    """ONE starting-noise tensor for every method (the global RNG is re-seeded: the samplers' own fresh
+    noise then repeats too), so that differences between rows are the methods, not luck."""
+    torch.manual_seed(c.seed + 99)
+    return torch.randn(c.n_eval, L, 3, c.size, c.size, device=c.device)
+
+
+def generate_all(model, kind, y, n_frames, c, noise, context=None, sink=None):
+    """generate() over the whole evaluation set, 256 videos at a time. -> (n_eval, n_frames, ...) in [-1, 1]."""
+    return torch.cat([generate(model, kind, y[i:i + 256], n_frames, c, noise=noise[i:i + 256, :n_frames],
+                               context=None if context is None else context[i:i + 256], sink=sink)
+                      for i in range(0, len(y), 256)]).clamp(-1, 1)
+
+
+def evaluate(c):
+    """Scores every trained method with toy_data's metrics; writes results.json / results.md and a GIF."""
+    L = c.frames * c.long
+    real, y, v_real = eval_set(c, L)
+    ctx = torch.from_numpy(real["videos"]).to(c.device)
     sc = lambda v, n, ctx=None: toy_data.score(v[:, :n], real["labels"], v_real, c.frames, c.n_objects,  # noqa
                                                c.radius, context=ctx, chunk=c.chunk)
     results, gifs = {"real": {"1x": sc(real["videos"], c.frames), "long": sc(real["videos"], L)}}, {}
@@ -874,23 +892,20 @@ def evaluate(c):
             continue
         model = build(c, load(path, c, name)["ema"]).eval()
         r = {"label": label, "nfe_per_frame": nfe_per_frame(kind, c, c.frames)}
-        torch.manual_seed(c.seed + 99)
-        noise = torch.randn(c.n_eval, L, 3, c.size, c.size, device=c.device)
+        noise = eval_noise(c, L)
         lengths = [("1x", c.frames)] + ([("long", L)] if kind != "teacher" else [])
         for tag, n in lengths:
             t0 = time.time()
-            vids = torch.cat([generate(model, kind, y[i:i + 256], n, c, noise=noise[i:i + 256, :n])
-                              for i in range(0, c.n_eval, 256)])
+            vids = generate_all(model, kind, y, n, c, noise)
             if c.device.startswith("cuda"):
                 torch.cuda.synchronize()
             r["ms_per_frame_" + tag] = 1000 * (time.time() - t0) / (c.n_eval * n)  # batched wall-clock
-            r[tag] = sc(vids.clamp(-1, 1).cpu().numpy(), n)
+            r[tag] = sc(vids.cpu().numpy(), n)
             if tag == "long" or kind == "teacher":
-                gifs[name] = toy_data.to_uint8(vids[:1].clamp(-1, 1).cpu().numpy())[0]
+                gifs[name] = toy_data.to_uint8(vids[:1].cpu().numpy())[0]
         if kind != "teacher":  # the exposure gap: the same model, each chunk made from REAL earlier frames
-            vids = torch.cat([generate(model, kind, y[i:i + 256], L, c, context=ctx[i:i + 256],
-                                       noise=noise[i:i + 256]) for i in range(0, c.n_eval, 256)])
-            r["real_ctx"] = sc(vids.clamp(-1, 1).cpu().numpy(), L, real["videos"])  # motion judged vs real past
+            vids = generate_all(model, kind, y, L, c, noise, context=ctx)
+            r["real_ctx"] = sc(vids.cpu().numpy(), L, real["videos"])  # motion judged vs real past
             r["exposure_gap"] = r["real_ctx"]["all"]["quality"] - r["long"]["all"]["quality"]
         results[name] = r
         print(f"[eval] {label}: quality 1x {r['1x']['all']['quality']:.3f}"
@@ -900,15 +915,8 @@ def evaluate(c):
 
 
 def write_results(c, results, gifs):
-    def to_py(o):
-        if isinstance(o, dict):
-            return {k: to_py(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [to_py(v) for v in o]
-        return float(o) if isinstance(o, (np.floating, np.integer)) else o
-
     with open(os.path.join(c.out, "results.json"), "w") as f:
-        json.dump(to_py(results), f, indent=1)
+        json.dump(results, f, indent=1, default=float)  # numpy scalars as floats
     ci = lambda s, k: f"{s[k]:.3f} [{s[k + '_ci'][0]:.2f}, {s[k + '_ci'][1]:.2f}]"  # noqa: E731
     lines = [f"Device {c.device}, n_eval={c.n_eval}, {c.frames} frames (1x), {c.frames * c.long} ({c.long}x), "
              f"chunk={c.chunk}. Quality = valid x physics x speed score (1 is real data); [95% CI]. Exposure gap = "
@@ -958,21 +966,16 @@ def long_runs(c):
 def evaluate_long(c, mult=16, at=(1, 4, 8, 16)):
     """Quality of the segments ending at 1x, 4x, 8x and 16x; writes results_long.md/json, long.gif."""
     L = c.frames * mult
-    real = toy_data.make_videos(c.n_eval, L, c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max),
-                                seed=10_000 + c.seed)
-    y = torch.from_numpy(real["labels"]).to(c.device)
-    v_real = toy_data.real_speed(c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max))
+    real, y, v_real = eval_set(c, L)
     sc = lambda v: toy_data.score(v, real["labels"], v_real, c.frames, c.n_objects, c.radius)  # noqa: E731
-    torch.manual_seed(c.seed + 99)
-    noise = torch.randn(c.n_eval, L, 3, c.size, c.size, device=c.device)
+    noise = eval_noise(c, L)
     results, gifs = {"real": dict(label="real data", **sc(real["videos"]))}, {"real": real["videos"][0]}
     for name, label, kind, sink in long_runs(c):
         path = os.path.join(c.out, name + ".pt")
         if not os.path.exists(path):
             continue
         model = build(c, load(path, c, name)["ema"]).eval()
-        vids = torch.cat([generate(model, kind, y[i:i + 256], L, c, noise=noise[i:i + 256], sink=sink)
-                          for i in range(0, c.n_eval, 256)]).clamp(-1, 1).cpu().numpy()
+        vids = generate_all(model, kind, y, L, c, noise, sink=sink).cpu().numpy()
         results[f"{name}_sink{sink}"] = dict(label=label, **sc(vids))
         gifs[label] = vids[0]
         print(f"[long] {label}: quality per segment "
@@ -993,7 +996,7 @@ def evaluate_long(c, mult=16, at=(1, 4, 8, 16)):
     with open(os.path.join(c.out, "results_long.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(c.out, "results_long.json"), "w") as f:
-        json.dump(json.loads(json.dumps(results, default=float)), f, indent=1)
+        json.dump(results, f, indent=1, default=float)
     toy_data.write_gif(os.path.join(c.out, "long.gif"), [toy_data.to_uint8(v[None])[0] for v in gifs.values()],
                        [n.split(" (")[0].replace("_", "+") for n in gifs])
     print(f"[long] wrote {c.out}/results_long.md, results_long.json, long.gif")

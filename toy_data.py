@@ -175,25 +175,11 @@ def _nanmean(a, axis):
     return np.where(n > 0, np.nansum(a, axis) / np.maximum(n, 1), np.nan)
 
 
-def per_video(videos, labels, frames, n_objects=3, radius=3.5, context=None, chunk=1, _cache=None):
-    """Per-video statistics over the frame range `frames` (a slice). Returns dict of (N,) arrays.
+def frame_stats(videos, labels, n_objects=3, radius=3.5, context=None, chunk=1):
+    """Per frame and object: the analysis, speed and physics consistency (see analyse and motion).
     context (N, F, 3, H, W): the frames each chunk of `chunk` frames was conditioned on (real frames in a
     teacher-forced evaluation): the motion of chunk i is judged from the context frames before it, so a
-    chunk that does not continue its context is penalised, and independent chunks are never compared.
-    _cache: a dict kept between calls on the same videos (score() slices one analysis per segment)."""
-    if _cache is not None and "a" in _cache:
-        a, speed, phys = _cache["a"], _cache["speed"], _cache["phys"]
-    else:
-        a, speed, phys = _frame_stats(videos, labels, n_objects, radius, context, chunk)
-        if _cache is not None:
-            _cache.update(a=a, speed=speed, phys=phys)
-    sl = lambda x: x[:, frames].reshape(len(x), -1)  # noqa: E731
-    right = np.where(sl(a["present"]), sl(a["shape"]) == np.asarray(labels)[:, None], np.nan)
-    return dict(valid=sl(a["valid"]).mean(1), err=sl(a["err"]).mean(1), semantic=_nanmean(right, 1),
-                phys=_nanmean(sl(phys), 1), speed=_nanmean(sl(speed), 1))
-
-
-def _frame_stats(videos, labels, n_objects, radius, context, chunk):
+    chunk that does not continue its context is penalised, and independent chunks are never compared."""
     a = analyse(videos, labels, n_objects, radius)
     speed, phys = motion(a["centroid"], a["valid"], videos.shape[-1], radius)
     if context is not None:
@@ -204,6 +190,15 @@ def _frame_stats(videos, labels, n_objects, radius, context, chunk):
             sp, ph = motion(cen, ok, videos.shape[-1], radius)
             speed[:, f0:f0 + chunk], phys[:, f0:f0 + chunk] = sp[:, f0:], ph[:, f0:]
     return a, speed, phys
+
+
+def per_video(stats, labels, frames):
+    """Per-video statistics over the frame range `frames` (a slice) of frame_stats(). -> dict of (N,)."""
+    a, speed, phys = stats
+    sl = lambda x: x[:, frames].reshape(len(x), -1)  # noqa: E731
+    right = np.where(sl(a["present"]), sl(a["shape"]) == np.asarray(labels)[:, None], np.nan)
+    return dict(valid=sl(a["valid"]).mean(1), err=sl(a["err"]).mean(1), semantic=_nanmean(right, 1),
+                phys=_nanmean(sl(phys), 1), speed=_nanmean(sl(speed), 1))
 
 
 def summarise(pv, real_speed):
@@ -222,7 +217,7 @@ def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=1
           chunk=1):
     """Score videos (N, F, 3, H, W) per segment of `segment` frames. Returns a dict:
     segments: list of summaries (each metric with a 95% bootstrap CI as (lo, hi) under key+'_ci'),
-    all: the summary over every frame; context, chunk: see per_video; drift: quality(last segment) - quality(first) with its CI."""
+    all: the summary over every frame; context, chunk: see frame_stats; drift: quality(last segment) - quality(first) with its CI."""
     N, F = videos.shape[:2]
     rng = np.random.default_rng(seed)
     boots = [rng.integers(0, N, N) for _ in range(n_boot)]
@@ -234,14 +229,14 @@ def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=1
             s[k + "_ci"] = tuple(np.percentile([b[k] for b in bs], [2.5, 97.5]))
         return s, bs
 
-    out, seg_boot, memo = dict(segments=[]), [], {}  # memo: the frames are analysed once, then sliced
+    out, seg_boot = dict(segments=[]), []
+    stats = frame_stats(videos, labels, n_objects, radius, context, chunk)  # once; segments slice it
     # a segment's motion uses the frames just before it, so that every transition is judged once
     for i in range(0, F, segment):
-        s, bs = with_ci(per_video(videos, labels, slice(i, min(i + segment, F)), n_objects, radius, context, chunk,
-                                  memo))
+        s, bs = with_ci(per_video(stats, labels, slice(i, min(i + segment, F))))
         out["segments"].append(s)
         seg_boot.append(bs)
-    out["all"], _ = with_ci(per_video(videos, labels, slice(0, F), n_objects, radius, context, chunk, memo))
+    out["all"], _ = with_ci(per_video(stats, labels, slice(0, F)))
     d = [b1["quality"] - b0["quality"] for b0, b1 in zip(seg_boot[0], seg_boot[-1])]
     out["drift"] = out["segments"][-1]["quality"] - out["segments"][0]["quality"]
     out["drift_ci"] = tuple(np.percentile(d, [2.5, 97.5]))
