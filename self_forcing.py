@@ -69,6 +69,7 @@ class Config:
     radius: float = 2.0  # half side of the square (all shapes have its area)
     speed_min: float = 0.6  # object speed range in px/frame (uniform)
     speed_max: float = 1.4  # (bounces keep each axis' speed)
+    gravity: float = 0.0  # px/frame^2: > 0 = the harder toy, objects fall and bounce (try 0.6 on `gpu`)
     n_train: int = 8000  # training clips, generated once, kept on the device (flips x2, time reversal x2)
     # model: a tiny DiT with per-frame adaLN-Zero and temporal RoPE
     patch: int = 2  # N = (size/patch)^2 tokens per frame, the main cost; 16 (patch 4) did not learn shapes
@@ -109,7 +110,7 @@ class Config:
     seed: int = 0  # data, training and evaluation seeds derive from it
     device: str = "auto"  # auto = cuda, else mps, else cpu
     amp: bool = True  # bf16 autocast on CUDA
-    out: str = ""  # run folder; "" = runs/<preset>
+    out: str = ""  # run folder; "" = runs/<preset> (runs/<preset>_gravity with gravity)
     ckpt_every: int = 500  # checkpoint period in steps (an interrupted stage resumes from there)
 
 
@@ -123,7 +124,7 @@ PRESETS = {
                 width=128, depth=4, heads=4, frames=8, chunk=2, euler_steps=32, batch=256, teacher_iters=4000,
                 ode_pairs=2048, ode_iters=1000, diffusion_iters=2000, distill_iters=200, n_eval=256),
 }
-MODEL_FIELDS = ("size", "patch", "width", "depth", "heads")  # what a checkpoint must agree on
+MODEL_FIELDS = ("size", "patch", "width", "depth", "heads", "gravity")  # what a checkpoint must agree on
 
 
 class UserError(Exception):
@@ -156,6 +157,8 @@ def check_config(c):
             raise UserError(f"{f}={getattr(c, f)} must be at least 1")
     if not 0 < c.speed_min <= c.speed_max:
         raise UserError("need 0 < speed_min <= speed_max")
+    if c.gravity < 0:
+        raise UserError(f"gravity={c.gravity} must be >= 0 (y grows downwards: > 0 falls)")
 
 
 # ####################################################################################################
@@ -418,7 +421,7 @@ def load(path, c, what):
     except Exception as e:  # noqa: BLE001  truncated or foreign file
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}")
     for f in MODEL_FIELDS:
-        if ck["config"].get(f) != getattr(c, f):
+        if ck["config"].get(f, getattr(Config, f)) != getattr(c, f):  # a field it predates: the default
             raise UserError(f"checkpoint {path} has {f}={ck['config'].get(f)} but this run has "
                              f"{f}={getattr(c, f)} (same --preset, or --fresh to retrain)")
     return ck
@@ -495,11 +498,11 @@ def adamw(params, lr, betas=(0.9, 0.999)):
 
 class Data:
     """Real training clips, generated once (toy_data) and kept on the device; random flips and time
-    reversal (both keep constant velocity and elastic bounces valid) make each batch fresh."""
+    reversal (both keep constant velocity, gravity and elastic bounces valid) make each batch fresh."""
 
     def __init__(self, c):
         d = toy_data.make_videos(c.n_train, c.frames, c.size, c.n_objects, c.radius,
-                                 (c.speed_min, c.speed_max), c.seed + 1)
+                                 (c.speed_min, c.speed_max), c.seed + 1, gravity=c.gravity)
         self.x = torch.from_numpy(d["videos"]).to(c.device)
         self.y = torch.from_numpy(d["labels"]).to(c.device)
 
@@ -858,8 +861,8 @@ def eval_set(c, L):
     """What every method is judged on: real videos of L frames (their labels are the prompts, their frames
     the real context of the exposure-gap runs) and their mean speed. -> real (dict), y, v_real."""
     real = toy_data.make_videos(c.n_eval, L, c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max),
-                                seed=10_000 + c.seed)
-    v_real = toy_data.real_speed(c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max))
+                                seed=10_000 + c.seed, gravity=c.gravity)
+    v_real = toy_data.real_speed(c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max), gravity=c.gravity)
     return real, torch.from_numpy(real["labels"]).to(c.device), v_real
 
 
@@ -883,7 +886,7 @@ def evaluate(c):
     real, y, v_real = eval_set(c, L)
     ctx = torch.from_numpy(real["videos"]).to(c.device)
     sc = lambda v, n, ctx=None: toy_data.score(v[:, :n], real["labels"], v_real, c.frames, c.n_objects,  # noqa
-                                               c.radius, context=ctx, chunk=c.chunk)
+                                               c.radius, context=ctx, chunk=c.chunk, gravity=c.gravity)
     results, gifs = {"real": {"1x": sc(real["videos"], c.frames), "long": sc(real["videos"], L)}}, {}
     gifs["real"] = toy_data.to_uint8(real["videos"][:1])[0]
     for name, label, kind in METHODS:
@@ -967,15 +970,15 @@ def evaluate_long(c, mult=16, at=(1, 4, 8, 16)):
     """Quality of the segments ending at 1x, 4x, 8x and 16x; writes results_long.md/json, long.gif."""
     L = c.frames * mult
     real, y, v_real = eval_set(c, L)
-    sc = lambda v: toy_data.score(v, real["labels"], v_real, c.frames, c.n_objects, c.radius)  # noqa: E731
-    noise = eval_noise(c, L)
+    sc = lambda v: toy_data.score(v, real["labels"], v_real, c.frames, c.n_objects, c.radius,  # noqa: E731
+                                  gravity=c.gravity)
     results, gifs = {"real": dict(label="real data", **sc(real["videos"]))}, {"real": real["videos"][0]}
     for name, label, kind, sink in long_runs(c):
         path = os.path.join(c.out, name + ".pt")
         if not os.path.exists(path):
             continue
         model = build(c, load(path, c, name)["ema"]).eval()
-        vids = generate_all(model, kind, y, L, c, noise, sink=sink).cpu().numpy()
+        vids = generate_all(model, kind, y, L, c, eval_noise(c, L), sink=sink).cpu().numpy()
         results[f"{name}_sink{sink}"] = dict(label=label, **sc(vids))
         gifs[label] = vids[0]
         print(f"[long] {label}: quality per segment "
@@ -1119,7 +1122,7 @@ def make_config(args):
     if c.device == "auto":
         c.device = "cuda" if torch.cuda.is_available() else \
             "mps" if torch.backends.mps.is_available() else "cpu"
-    c.out = c.out or os.path.join("runs", args.preset)
+    c.out = c.out or os.path.join("runs", args.preset + ("_gravity" if c.gravity else ""))
     try:
         os.makedirs(c.out, exist_ok=True)
         open(os.path.join(c.out, ".write_test"), "w").close()  # fail now, not after an hour of training

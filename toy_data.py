@@ -6,11 +6,13 @@ fooled by the models it judges.
 Data: object k lives ONLY in colour channel k (red, green, blue), so every channel of every frame holds
 exactly one object and can be analysed on its own. The label (the "prompt") picks the shape family of
 the whole clip. Objects move at constant velocity and bounce elastically off the walls; positions are
-sub-pixel and rendered anti-aliased, so motion is smooth.
+sub-pixel and rendered anti-aliased, so motion is smooth. The harder variant (gravity > 0) makes them
+fall and bounce off the floor: the velocity changes every frame, so a model must read it off the context
+and keep the energy (the bounce height) over a long rollout.
 
 Metrics (per frame, per channel): find the object (mass, centroid), re-render the prompted shape there,
 and compare. Validity = the object is there, has the right mass, and nothing is stray. Motion = centroids
-follow constant velocity with bounces, at the speed of real data (a frozen video scores 0). Semantics =
+follow the data's physics (constant velocity, or gravity) with bounces, at the speed of real data (a frozen video scores 0). Semantics =
 the best-fitting shape family is the label.
 """
 import numpy as np
@@ -57,10 +59,22 @@ def fold(p, lo, hi):
     return lo + L - np.abs(np.mod(p - lo, 2 * L) - L)
 
 
-def make_videos(n, frames, size=32, n_objects=3, radius=3.5, speed=(1.0, 2.5), seed=0, labels=None):
+def fall(y, vy, t, g, hi):
+    """Height and vertical velocity t frames after (y, vy) under gravity g (y grows downwards) with
+    elastic bounces on the floor hi: a periodic parabola. Its energy fixes the impact speed u, one bounce
+    period lasts 2u/g, and tau (the time since the last bounce) gives y = hi - u tau + g tau^2 / 2."""
+    u = np.sqrt(np.maximum(vy * vy + 2 * g * (hi - y), 0))  # impact speed (nan-free for junk input)
+    tau = np.mod((vy + u) / g + t, 2 * u / g + 1e-12)
+    return hi - u * tau + 0.5 * g * tau * tau, g * tau - u
+
+
+def make_videos(n, frames, size=32, n_objects=3, radius=3.5, speed=(1.0, 2.5), seed=0, labels=None,
+                gravity=0.0):
     """n clips of `frames` frames. Returns dict:
     videos (n, F, 3, H, W) float32 in [-1, 1] (background -1); labels (n,) int;
-    pos (n, F, K, 2) true centres (x, y) in pixels; vel (n, F, K, 2) true velocities (px/frame)."""
+    pos (n, F, K, 2) true centres (x, y) in pixels; vel (n, F, K, 2) true velocities (px/frame).
+    gravity > 0 (px/frame^2): the vertical motion is a ball bouncing on the floor, its top (apex) at a
+    random height inside the frame (it never reaches the ceiling), at a random phase."""
     rng = np.random.default_rng(seed)
     if labels is None:
         labels = rng.integers(0, len(SHAPES), n)
@@ -75,6 +89,11 @@ def make_videos(n, frames, size=32, n_objects=3, radius=3.5, speed=(1.0, 2.5), s
     pos = fold(free, lo, hi)
     # velocity sign flips after each bounce: derivative of the fold
     vel = np.sign(np.mod(free - lo, 2 * (hi - lo)) - (hi - lo)) * -1 * v0[:, None]
+    if gravity > 0:  # start every object at its apex (vy = 0) at a random phase of its bounce period
+        apex = rng.uniform(lo, lo + 0.8 * (hi - lo), (n, n_objects))  # a bounce of >= 20% of the height
+        u = np.sqrt(2 * gravity * (hi - apex))
+        phase = rng.uniform(0, 2 * u / gravity)
+        pos[..., 1], vel[..., 1] = fall(apex[:, None], 0.0, phase[:, None] + t[..., 0], gravity, hi)
     videos = np.full((n, frames, 3, size, size), -1.0, np.float32)
     for s in range(len(SHAPES)):
         idx = np.where(labels == s)[0]
@@ -141,12 +160,23 @@ def analyse(videos, labels, n_objects=3, radius=3.5):
                 shape=errs.argmin(-1), mass=mass / area)
 
 
-def motion(centroid, ok, size, radius):
+def predict(p, d, n, lo, hi, g):
+    """Where the data's physics puts an object n frames after position p (..., 2), given its last
+    frame-to-frame displacement d (the mean velocity over the frame before p): walls fold x (and y without
+    gravity); with gravity, y follows the bouncing parabola from the velocity AT p, d_y + g/2."""
+    out = fold(p + n * d, lo, hi)
+    if g > 0:
+        out[..., 1] = fall(p[..., 1], d[..., 1] + g / 2, n, g, hi)[0]
+    return out
+
+
+def motion(centroid, ok, size, radius, gravity=0.0):
     """Physics consistency and speed from centroids (N, F, K, 2) and validity (N, F, K).
     Returns per-transition arrays over frames 1..F-1 padded to F (first frame nan):
-    speed (N, F, K) = |c_t - c_{t-1}|, and phys_ok (N, F, K): c_t is where constant velocity with elastic
-    bounces puts it, from the two frames before (or from the velocity one frame earlier, if a bounce
-    spoiled the last difference). nan where it cannot be judged (invalid frames)."""
+    speed (N, F, K) = |c_t - c_{t-1}|, and phys_ok (N, F, K): c_t is within 0.5 px of where the physics
+    (constant velocity or gravity, elastic bounces) puts it, from the two frames before (or from the two
+    frames before those, if a bounce spoiled the last difference). nan where it cannot be judged (invalid
+    frames)."""
     N, F, K, _ = centroid.shape
     lo, hi = walls(size, radius)
     speed = np.full((N, F, K), np.nan)
@@ -156,10 +186,10 @@ def motion(centroid, ok, size, radius):
     speed[:, 1:] = np.where(both, np.linalg.norm(d, axis=-1), np.nan)
     if F >= 3:
         c = centroid
-        pred1 = fold(c[:, 1:-1] + d[:, :-1], lo, hi)  # from c_{t-1} and c_{t-2}
+        pred1 = predict(c[:, 1:-1], d[:, :-1], 1, lo, hi, gravity)  # from c_{t-1} and c_{t-2}
         e = np.linalg.norm(c[:, 2:] - pred1, axis=-1)
-        if F >= 4:  # straight line from c_{t-2} with the velocity of (c_{t-3}, c_{t-2})
-            pred2 = fold(c[:, 1:-2] + 2 * d[:, :-2], lo, hi)
+        if F >= 4:  # two frames on from c_{t-2} with the velocity of (c_{t-3}, c_{t-2})
+            pred2 = predict(c[:, 1:-2], d[:, :-2], 2, lo, hi, gravity)
             e2 = np.linalg.norm(c[:, 3:] - pred2, axis=-1)
             e[:, 1:] = np.minimum(e[:, 1:], e2)
         three = ok[:, 2:] & ok[:, 1:-1] & ok[:, :-2]
@@ -175,19 +205,19 @@ def _nanmean(a, axis):
     return np.where(n > 0, np.nansum(a, axis) / np.maximum(n, 1), np.nan)
 
 
-def frame_stats(videos, labels, n_objects=3, radius=3.5, context=None, chunk=1):
+def frame_stats(videos, labels, n_objects=3, radius=3.5, context=None, chunk=1, gravity=0.0):
     """Per frame and object: the analysis, speed and physics consistency (see analyse and motion).
     context (N, F, 3, H, W): the frames each chunk of `chunk` frames was conditioned on (real frames in a
     teacher-forced evaluation): the motion of chunk i is judged from the context frames before it, so a
     chunk that does not continue its context is penalised, and independent chunks are never compared."""
     a = analyse(videos, labels, n_objects, radius)
-    speed, phys = motion(a["centroid"], a["valid"], videos.shape[-1], radius)
+    speed, phys = motion(a["centroid"], a["valid"], videos.shape[-1], radius, gravity)
     if context is not None:
         b = analyse(context, labels, n_objects, radius)
         for f0 in range(chunk, videos.shape[1], chunk):
             cen = np.concatenate([b["centroid"][:, :f0], a["centroid"][:, f0:f0 + chunk]], 1)
             ok = np.concatenate([b["valid"][:, :f0], a["valid"][:, f0:f0 + chunk]], 1)
-            sp, ph = motion(cen, ok, videos.shape[-1], radius)
+            sp, ph = motion(cen, ok, videos.shape[-1], radius, gravity)
             speed[:, f0:f0 + chunk], phys[:, f0:f0 + chunk] = sp[:, f0:], ph[:, f0:]
     return a, speed, phys
 
@@ -214,10 +244,10 @@ def summarise(pv, real_speed):
 
 
 def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=100, seed=0, context=None,
-          chunk=1):
+          chunk=1, gravity=0.0):
     """Score videos (N, F, 3, H, W) per segment of `segment` frames. Returns a dict:
     segments: list of summaries (each metric with a 95% bootstrap CI as (lo, hi) under key+'_ci'),
-    all: the summary over every frame; context, chunk: see frame_stats; drift: quality(last segment) - quality(first) with its CI."""
+    all: the summary over every frame; context, chunk, gravity: see frame_stats and motion; drift: quality(last segment) - quality(first) with its CI."""
     N, F = videos.shape[:2]
     rng = np.random.default_rng(seed)
     boots = [rng.integers(0, N, N) for _ in range(n_boot)]
@@ -230,7 +260,7 @@ def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=1
         return s, bs
 
     out, seg_boot = dict(segments=[]), []
-    stats = frame_stats(videos, labels, n_objects, radius, context, chunk)  # once; segments slice it
+    stats = frame_stats(videos, labels, n_objects, radius, context, chunk, gravity)  # once; segments slice it
     # a segment's motion uses the frames just before it, so that every transition is judged once
     for i in range(0, F, segment):
         s, bs = with_ci(per_video(stats, labels, slice(i, min(i + segment, F))))
@@ -243,9 +273,9 @@ def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=1
     return out
 
 
-def real_speed(size=32, n_objects=3, radius=3.5, speed=(1.0, 2.5), frames=16, n=256, seed=12345):
+def real_speed(size=32, n_objects=3, radius=3.5, speed=(1.0, 2.5), frames=16, n=256, seed=12345, gravity=0.0):
     """Mean object speed of real videos as the metric measures it (the reference of the speed ratio)."""
-    d = make_videos(n, frames, size, n_objects, radius, speed, seed)
+    d = make_videos(n, frames, size, n_objects, radius, speed, seed, gravity=gravity)
     a = analyse(d["videos"], d["labels"], n_objects, radius)
     sp, _ = motion(a["centroid"], a["valid"], size, radius)
     return float(np.nanmean(sp))
