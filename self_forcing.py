@@ -7,6 +7,7 @@ Diffusion", arXiv 2506.08009 (2025). Re-derived at toy scale on synthetic moving
     python self_forcing.py                       # the demo: every stage on the CPU preset, then the table
     python self_forcing.py teacher --preset gpu  # one stage; `--help` lists stages and fields
     python self_forcing.py eval --n_eval=64      # any config field is a flag
+    python self_forcing.py --gravity=0.6         # the harder toy: objects fall and bounce
 
 The story. An autoregressive (AR) video model makes chunk i conditioned on chunks < i. Trained with
 teacher forcing (TF: the context is real, clean frames) or diffusion forcing (DF: the context is real,
@@ -96,6 +97,7 @@ class Config:
     lr_gen: float = 1e-4  # DMD generator lr (AdamW betas (0, 0.999), as official)
     lr_critic: float = 1e-4  # DMD critic lr
     kv_grad: str = "detach"  # gradient through the KV cache in SF: detach | st (official straight-through)
+    watch: int = 0  # distill: every `watch` updates, score the EMA generator at `long`x (0 = off)
     train_frames: int = 0  # SF training rollout length; > frames: the cache rolls, DMD judges the last frames
     restrict: bool = False  # SF training: the last chunk cannot attend to the first (paper Sec. 3.4)
     ema: float = 0.999  # EMA decay of teacher / ODE / TF / DF weights
@@ -809,7 +811,20 @@ def distill(c, context):
             v = causal_forward(gen, x_t, sigma, y, c, context, x_clean=x_real).float()
         return x_t - sigma[..., None, None, None] * v, y
 
+    def watch(it):
+        """The EMA generator after `it` updates (0: the ODE init) on the evaluation set, with the training
+        RNG left untouched. DMD's generator and critic can chase each other; this is how to see it."""
+        L = c.frames * c.long
+        real, y, v_real = eval_set(c, L)
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if c.device.startswith("cuda") else []):
+            v = generate_all(ema, "few", y, L, c, eval_noise(c, L)).cpu().numpy()
+        s = toy_data.score(v, real["labels"], v_real, c.frames, c.n_objects, c.radius, n_boot=1, gravity=c.gravity)
+        tqdm.write(f"[watch] update {it}: valid {s['all']['valid']:.3f}, quality at {c.long}x "
+                   f"{s['segments'][-1]['quality']:.3f}, speed ratio {s['all']['speed_ratio']:.2f}")
+
     def step(it):
+        if c.watch and it % c.watch == 0:
+            watch(it)
         # The critic must track the generator's current distribution, so it is updated first, more often,
         # each time on a fresh rollout: its flow-matching loss on generated videos makes critic(x_t) the
         # score of p_gen, just as the teacher's loss on real videos made it the score of p_data.

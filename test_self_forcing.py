@@ -511,6 +511,22 @@ def test_distill_trains_critic_and_generator_only(run_dir, tmp_path):
     assert ck["model"].keys() == ck["critic"].keys() and not same(ck["model"], ck["critic"])  # ...and distinct
 
 
+def test_watch_scores_the_ema_generator_without_changing_training(run_dir, tmp_path, capsys):
+    import shutil
+    finals = []
+    for watch in (0, 1):
+        d = tmp_path / f"w{watch}"
+        d.mkdir()
+        for f in ("teacher.pt", "ode.pt"):
+            shutil.copy(os.path.join(run_dir, f), d / f)
+        torch.manual_seed(0)
+        sf.distill(cfg(out=str(d), distill_iters=2, watch=watch), "self")
+        finals.append(torch.load(d / "sf.pt", weights_only=True)["model"])
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # same RNG stream, same result
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[watch]")]
+    assert [ln.split(":")[0] for ln in lines] == ["[watch] update 0", "[watch] update 1"]
+
+
 def test_checkpoint_round_trip_and_resume(tmp_path):
     c = cfg(out=str(tmp_path), teacher_iters=3, ckpt_every=3)
     sf.train_teacher(c)
