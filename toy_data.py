@@ -12,8 +12,8 @@ and keep the energy (the bounce height) over a long rollout.
 
 Metrics (per frame, per channel): find the object (mass, centroid), re-render the prompted shape there,
 and compare. Validity = the object is there, has the right mass, and nothing is stray. Motion = centroids
-follow the data's physics (constant velocity, or gravity) with bounces, at the speed of real data (a frozen video scores 0). Semantics =
-the best-fitting shape family is the label.
+follow the data's physics (constant velocity, or gravity) with bounces, at the speed of real data (a
+frozen video scores 0). Semantics = the best-fitting shape family is the label.
 """
 import numpy as np
 
@@ -247,7 +247,8 @@ def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=1
           chunk=1, gravity=0.0):
     """Score videos (N, F, 3, H, W) per segment of `segment` frames. Returns a dict:
     segments: list of summaries (each metric with a 95% bootstrap CI as (lo, hi) under key+'_ci'),
-    all: the summary over every frame; context, chunk, gravity: see frame_stats and motion; drift: quality(last segment) - quality(first) with its CI."""
+    all: the summary over every frame; drift: quality(last segment) - quality(first) with its CI.
+    context, chunk, gravity: see frame_stats and motion."""
     N, F = videos.shape[:2]
     rng = np.random.default_rng(seed)
     boots = [rng.integers(0, N, N) for _ in range(n_boot)]
