@@ -191,6 +191,12 @@ def sample_sigma(*shape, device):
     return torch.sigmoid(torch.randn(*shape, device=device))
 
 
+def clip_sigma(B, c, device):
+    """(B, frames): one logit-normal level per clip, how the bidirectional teacher is trained. The DMD
+    critic is trained with exactly this too (section 9): the same loss, only on generated clips."""
+    return sample_sigma(B, 1, device=device).expand(-1, c.frames)
+
+
 def add_noise(x0, sigma, eps):
     """x_t = (1 - sigma) x0 + sigma eps. x0, eps (B, F, C, H, W); sigma (B, F)."""
     s = sigma[..., None, None, None]
@@ -541,7 +547,7 @@ def train_teacher(c):
 
     def step(it):
         x0, y = data.batch(c.batch)
-        sigma = sample_sigma(c.batch, 1, device=c.device).expand(-1, c.frames)  # one level per clip
+        sigma = clip_sigma(c.batch, c, c.device)  # one level per clip
         with autocast(c):
             loss = flow_matching_loss(model, x0, drop_labels(y, c.p_uncond, model.n_classes), sigma)
         optimize(opt, loss, model, c.clip)
@@ -831,9 +837,12 @@ def distill(c, context):
         for _ in range(c.critic_ratio):
             with torch.no_grad():
                 x, y = generate_train(c.batch)
-            sigma = score_sigma(c.batch, c, c.device)
+            # The critic is trained EXACTLY as the teacher was (its noise levels too): then, were the
+            # generator perfect, critic and teacher would agree and DMD's gradient would vanish. Trained
+            # on the levels DMD queries instead (score_sigma, mostly near 1), a critic drifts away from the
+            # teacher even on real clips, and DMD reads that drift as a gradient (measured: the collapse).
             with autocast(c):
-                lc = flow_matching_loss(critic, x.detach(), y, sigma)
+                lc = flow_matching_loss(critic, x.detach(), y, clip_sigma(c.batch, c, c.device))
             optimize(opt_c, lc, critic, c.clip)
         # The generator update: one rollout with grad (Alg. 1), judged as a whole video by DMD.
         x, y = generate_train(c.batch)

@@ -511,6 +511,29 @@ def test_distill_trains_critic_and_generator_only(run_dir, tmp_path):
     assert ck["model"].keys() == ck["critic"].keys() and not same(ck["model"], ck["critic"])  # ...and distinct
 
 
+def test_critic_is_trained_with_the_teachers_noise_levels(run_dir, tmp_path, monkeypatch):
+    """The critic's flow-matching loss is the teacher's, noise levels included (one logit-normal level per
+    clip), not DMD's query levels (shifted toward 1): trained on other levels, a critic drifts away from
+    the teacher even on real clips, and DMD reads that drift as a gradient."""
+    import shutil
+    for f in ("teacher.pt", "ode.pt"):
+        shutil.copy(os.path.join(run_dir, f), tmp_path / f)
+    levels, orig = {}, sf.flow_matching_loss
+    monkeypatch.setattr(sf, "flow_matching_loss",
+                        lambda m, x0, y, sigma, **kw: (levels[who].append(sigma), orig(m, x0, y, sigma, **kw))[1])
+    torch.manual_seed(0)
+    (tmp_path / "t").mkdir()
+    for who, run in (("teacher", lambda: sf.train_teacher(cfg(out=str(tmp_path / "t"), teacher_iters=4, batch=128))),
+                     ("critic", lambda: sf.distill(cfg(out=str(tmp_path), distill_iters=1, critic_ratio=4,
+                                                       batch=128), "self"))):
+        levels[who] = []
+        run()
+    t, c = torch.cat(levels["teacher"]), torch.cat(levels["critic"])
+    assert t.shape == c.shape == (512, cfg().frames) and (c == c[:, :1]).all()  # one level per clip
+    assert abs(t.mean() - c.mean()) < 0.04 and abs(t.std() - c.std()) < 0.04
+    assert sf.score_sigma(512, cfg(), "cpu").mean() - c.mean() > 0.15  # the check tells the two apart
+
+
 def test_watch_scores_the_ema_generator_without_changing_training(run_dir, tmp_path, capsys):
     import shutil
     finals = []
