@@ -547,7 +547,7 @@ def train_teacher(c):
 
     def step(it):
         x0, y = data.batch(c.batch)
-        sigma = clip_sigma(c.batch, c, c.device)  # one level per clip
+        sigma = clip_sigma(c.batch, c, c.device)
         with autocast(c):
             loss = flow_matching_loss(model, x0, drop_labels(y, c.p_uncond, model.n_classes), sigma)
         optimize(opt, loss, model, c.clip)
@@ -840,7 +840,7 @@ def distill(c, context):
             # The critic is trained EXACTLY as the teacher was (its noise levels too): then, were the
             # generator perfect, critic and teacher would agree and DMD's gradient would vanish. Trained
             # on the levels DMD queries instead (score_sigma, mostly near 1), a critic drifts away from the
-            # teacher even on real clips, and DMD reads that drift as a gradient (measured: the collapse).
+            # teacher even on real clips, and DMD reads that drift as a gradient (measured: README, Latest).
             with autocast(c):
                 lc = flow_matching_loss(critic, x.detach(), y, clip_sigma(c.batch, c, c.device))
             optimize(opt_c, lc, critic, c.clip)

@@ -428,6 +428,13 @@ def run_dir(tmp_path_factory):
     return d
 
 
+def copy_checkpoints(run_dir, dst, *names):
+    """A private copy of the demo's finished stages, so that a test can train on from them."""
+    import shutil
+    for name in names:
+        shutil.copy(os.path.join(run_dir, name + ".pt"), os.path.join(dst, name + ".pt"))
+
+
 def test_demo_runs_every_stage_and_writes_results(run_dir):
     for f in ("teacher", "ode", "tf", "df", "df_dmd", "sf"):
         assert os.path.exists(os.path.join(run_dir, f + ".pt"))
@@ -436,9 +443,7 @@ def test_demo_runs_every_stage_and_writes_results(run_dir):
 
 
 def test_long_view_and_bench_stages(run_dir, tmp_path):
-    import shutil
-    for f in ("teacher.pt", "ode.pt", "tf.pt", "sf.pt"):
-        shutil.copy(os.path.join(run_dir, f), tmp_path / f)
+    copy_checkpoints(run_dir, tmp_path, "teacher", "ode", "tf", "sf")
     args = ["--preset", "test", f"--out={tmp_path}", "--device=cpu"]
     sf.main(["distill", "--context", "self", "--train_frames=8", "--restrict=true"] + args)
     assert (tmp_path / "sf_len8_restrict.pt").exists() and sf.torch.load(
@@ -483,9 +488,7 @@ def test_teacher_loss_goes_down(tmp_path):
 
 
 def test_distill_trains_critic_and_generator_only(run_dir, tmp_path):
-    import shutil
-    for f in ("teacher.pt", "ode.pt"):
-        shutil.copy(os.path.join(run_dir, f), tmp_path / f)
+    copy_checkpoints(run_dir, tmp_path, "teacher", "ode")
     c = cfg(out=str(tmp_path), distill_iters=1, critic_ratio=3)
     teacher0 = torch.load(tmp_path / "teacher.pt", weights_only=True)["ema"]
     ode0 = torch.load(tmp_path / "ode.pt", weights_only=True)["ema"]
@@ -515,9 +518,7 @@ def test_critic_is_trained_with_the_teachers_noise_levels(run_dir, tmp_path, mon
     """The critic's flow-matching loss is the teacher's, noise levels included (one logit-normal level per
     clip), not DMD's query levels (shifted toward 1): trained on other levels, a critic drifts away from
     the teacher even on real clips, and DMD reads that drift as a gradient."""
-    import shutil
-    for f in ("teacher.pt", "ode.pt"):
-        shutil.copy(os.path.join(run_dir, f), tmp_path / f)
+    copy_checkpoints(run_dir, tmp_path, "teacher", "ode")
     levels, orig = {}, sf.flow_matching_loss
     monkeypatch.setattr(sf, "flow_matching_loss",
                         lambda m, x0, y, sigma, **kw: (levels[who].append(sigma), orig(m, x0, y, sigma, **kw))[1])
@@ -535,13 +536,11 @@ def test_critic_is_trained_with_the_teachers_noise_levels(run_dir, tmp_path, mon
 
 
 def test_watch_scores_the_ema_generator_without_changing_training(run_dir, tmp_path, capsys):
-    import shutil
     finals = []
     for watch in (0, 1):
         d = tmp_path / f"w{watch}"
         d.mkdir()
-        for f in ("teacher.pt", "ode.pt"):
-            shutil.copy(os.path.join(run_dir, f), d / f)
+        copy_checkpoints(run_dir, d, "teacher", "ode")
         torch.manual_seed(0)
         sf.distill(cfg(out=str(d), distill_iters=2, watch=watch), "self")
         finals.append(torch.load(d / "sf.pt", weights_only=True)["model"])
