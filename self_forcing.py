@@ -90,11 +90,12 @@ class Config:
     lr: float = 1e-3  # AdamW learning rate of teacher, ODE, TF and DF
     teacher_iters: int = 2500  # teacher training steps
     ode_pairs: int = 512  # teacher trajectories for the ODE init
+    ode_teacher: str = "tf"  # whose ODE the init regresses onto: tf (AR teacher, Causal Forcing) | bidir (paper)
     ode_iters: int = 500  # ODE-regression steps (initialised from the teacher)
     diffusion_iters: int = 600  # TF and DF many-step baselines (initialised from the teacher)
     distill_iters: int = 60  # generator updates of SF, TF+DMD, DF+DMD
     critic_ratio: int = 5  # critic updates per generator update (official 5:1)
-    lr_gen: float = 1e-4  # DMD generator lr (AdamW betas (0, 0.999), as official)
+    lr_gen: float = 1e-5  # DMD generator lr (AdamW betas (0, 0.999), as official); 1e-4 collapses, then recovers
     lr_critic: float = 1e-4  # DMD critic lr
     kv_grad: str = "detach"  # gradient through the KV cache in SF: detach | st (official straight-through)
     watch: int = 0  # distill: every `watch` updates, score the EMA generator at `long`x (0 = off)
@@ -145,6 +146,8 @@ def check_config(c):
         raise UserError(f"euler_steps={c.euler_steps} must be a multiple of few_steps={c.few_steps}")
     if c.n_objects not in (1, 2, 3):
         raise UserError("n_objects must be 1, 2 or 3 (one object per colour channel)")
+    if c.ode_teacher not in ("bidir", "tf"):
+        raise UserError(f"ode_teacher={c.ode_teacher!r}: choose bidir or tf")
     if c.kv_grad not in ("detach", "st"):
         raise UserError(f"kv_grad={c.kv_grad!r}: choose detach or st")
     if c.train_frames and (c.train_frames < c.frames or c.train_frames % c.chunk):
@@ -600,39 +603,59 @@ def causal_forward(model, x_noisy, sigma, y, c, context, x_clean=None):
 
 
 # Why an ODE init: DMD needs a generator that already produces roughly the right videos in 4 steps, or the
-# critic and the real score disagree everywhere. Regressing the causal student onto the teacher's
+# critic and the real score disagree everywhere. Regressing the causal student onto a teacher's
 # deterministic noise -> video map (the probability-flow ODE) gives that, cheaply and in parallel.
+# Whose ODE? The paper (after CausVid) uses the bidirectional teacher's. But there a frame's clean end
+# depends on the noise of LATER frames too, which a causal student never sees: the best it can do is
+# the average over them (blur, frozen motion). An AR teacher (the many-step TF model, sampled chunk by
+# chunk) makes each chunk's end a function of its own noise and the clean earlier chunks, exactly what the
+# student sees (Causal Forcing, Zhu et al. 2026, arXiv 2602.02214). `ode_teacher` picks; README measures.
+
+@torch.no_grad()
+def ode_trajectories(c, teacher, y):
+    """One batch of ODE pairs -> xs (B, K, F, C, H, W), the states at the few-step grid's sigmas along
+    the teacher's Euler trajectories, and x0 (B, F, C, H, W), their clean ends. bidir: the teacher samples
+    the whole clip at once; tf: the TF model samples it chunk by chunk, its context its own clean chunks."""
+    keep = range(0, c.euler_steps, c.euler_steps // c.few_steps)  # few-step sigma k = Euler index k * stride
+    if c.ode_teacher == "bidir":
+        x0, traj = sample_teacher(teacher, c, y, c.frames, record=keep)
+    else:
+        traj = {i: [] for i in keep}
+        x0 = rollout(teacher, y, c.frames, c, euler_sigmas(c)[:-1].tolist(), False, c.cfg, record=traj)
+        traj = {i: torch.cat(xs, 1) for i, xs in traj.items()}
+    return torch.stack([traj[i] for i in keep], 1), x0
+
 
 def train_ode(c):
-    """CausVid / Self Forcing init: regress the block-causal student onto the teacher's ODE solution.
+    """CausVid / Self Forcing init: regress the block-causal student onto a teacher's ODE solution.
     Pairs: x at the few-step grid's sigmas along teacher trajectories -> the trajectory's clean end."""
-    teacher = build(c, load(os.path.join(c.out, "teacher.pt"), c, "teacher")["ema"]).eval()
-    path = os.path.join(c.out, "ode_pairs.pt")
-    stride = c.euler_steps // c.few_steps  # few-step sigma k sits at Euler index k * stride
+    name, stage = ("teacher", "teacher") if c.ode_teacher == "bidir" else ("tf", "diffusion --context tf")
+    teacher = build(c, load(os.path.join(c.out, name + ".pt"), c, stage)["ema"]).eval()
+    path = os.path.join(c.out, f"ode_pairs_{c.ode_teacher}.pt")
     if not os.path.exists(path):
         g = torch.Generator().manual_seed(c.seed + 7)
         y = torch.randint(0, teacher.n_classes, (c.ode_pairs,), generator=g).to(c.device)
-        xs, x0s = [], []
-        for i in tqdm(range(0, c.ode_pairs, 256), desc="ode pairs"):
-            x0, traj = sample_teacher(teacher, c, y[i:i + 256], c.frames, record=range(0, c.euler_steps, stride))
-            xs.append(torch.stack([traj[k * stride] for k in range(c.few_steps)], 1).cpu())
-            x0s.append(x0.cpu())
-        save(path, {"xs": torch.cat(xs), "x0": torch.cat(x0s), "y": y.cpu()})
+        pairs = [ode_trajectories(c, teacher, y[i:i + 256]) for i in tqdm(range(0, c.ode_pairs, 256), desc="ode pairs")]
+        save(path, {"xs": torch.cat([p[0].cpu() for p in pairs]), "x0": torch.cat([p[1].cpu() for p in pairs]),
+                    "y": y.cpu()})
     pairs = torch.load(path, weights_only=True)
     xs, x0s, ys = (pairs[k].to(c.device) for k in ("xs", "x0", "y"))  # xs (P, K, F, C, H, W)
-    model = build(c, teacher.state_dict())  # start from the teacher's weights, then make it causal
+    model = build(c, teacher.state_dict())  # start from the teacher's weights (made causal by the mask)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = adamw(model.parameters(), c.lr * 0.3)
     grid = few_step_sigmas(c).to(c.device)
+    # The student's context is what its teacher's was: for bidir the other chunks' noisy states on the
+    # same trajectory (block-causal mask, CausVid), for tf the clean earlier chunks (teacher-forcing mask).
+    context = "df" if c.ode_teacher == "bidir" else "tf"
 
     def step(it):
         # Each chunk gets its own random point of the 4-step grid, read off its trajectory; the target is
-        # the trajectory's clean end. All chunks at once, under the block-causal mask.
+        # the trajectory's clean end. All chunks at once, in one parallel pass.
         i = torch.randint(len(xs), (c.batch,), device=c.device)
         sigma, k = chunk_sigmas(grid, c.batch, c)  # a random grid point per chunk
         x_t = xs[i][torch.arange(c.batch, device=c.device)[:, None], k, torch.arange(c.frames, device=c.device)]
         with autocast(c):
-            v = causal_forward(model, x_t, sigma, ys[i], c, "df")
+            v = causal_forward(model, x_t, sigma, ys[i], c, context, x_clean=x0s[i])
         x0_hat = x_t - sigma[..., None, None, None] * v.float()
         loss = Fn.mse_loss(x0_hat, x0s[i])
         optimize(opt, loss, model, c.clip)
@@ -671,7 +694,7 @@ def train_diffusion(c, context):
 # 8. Autoregressive rollout: Algorithm 1 (training) and inference are the SAME loop
 
 def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None, kv_grad="detach",
-            context=None, noise=None, window=None, sink=None, grad_from=0, stats=None):
+            context=None, noise=None, window=None, sink=None, grad_from=0, stats=None, record=None):
     """Generate n_frames chunk by chunk with the KV cache, exactly as at inference. -> (B, F, C, H, W).
 
     Per chunk (Alg. 1): start from noise; for k = 0..s: x0_hat = x - sigma_k v(x, sigma_k); then
@@ -686,7 +709,8 @@ def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None,
     context: real frames (B, F, ...): refresh the cache with THEM instead of the model's output (the
     teacher-forced evaluation: chunk i from real chunks < i). grad_from: chunks that start before this
     frame run wholly under no_grad (long training rollouts: the loss judges only the last frames).
-    stats: dict counting model calls and listing the cached frames each chunk attended to."""
+    stats: dict counting model calls and listing the cached frames each chunk attended to.
+    record: {step k: []} collects each chunk's input x at step k (the AR teacher's ODE pairs)."""
     B, ch = len(y), c.chunk
     s = len(sigmas) - 1 if exit_step is None else exit_step  # inference: always exit at the last step
     train_mode = torch.is_grad_enabled()  # the caller decides: no_grad for sampling, grad for Alg. 1
@@ -702,6 +726,8 @@ def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None,
         # Alg. 1 lines 5-12: denoise with the K-step schedule, stopping at the exit step s.
         # Only step s builds an autograd graph: the memory of one pass per chunk, however many steps.
         for k in range(s + 1):
+            if record is not None and k in record:
+                record[k].append(x)
             sigma = torch.full((B, ch), float(sigmas[k]), device=c.device)
             with torch.set_grad_enabled(train_mode and k == s and f0 >= grad_from), autocast(c):
                 v = guided(model, x, sigma, y, cfg, pos=pos, cache=cache).float()
@@ -1104,9 +1130,9 @@ def sample_stage(c, args):
 
 
 STAGES = {
-    "demo": "(default) the whole pipeline on the preset, then eval: teacher, ode, tf, df, df+dmd, sf",
+    "demo": "(default) the whole pipeline on the preset, then eval: teacher, tf, df, ode, df+dmd, sf",
     "teacher": "train the bidirectional many-step teacher (real score, critic init)",
-    "ode": "ODE-regression init of the causal few-step generator from teacher trajectories",
+    "ode": "ODE-regression init of the causal few-step generator from the TF model's trajectories",
     "diffusion": "many-step causal baseline by flow matching: --context tf | df",
     "distill": "DMD few-step generator: --context self (Self Forcing) | tf | df (CausVid-style)",
     "sample": "write samples_MODEL.npz (videos uint8 (N,F,H,W,3), labels) and a GIF: --model NAME",
@@ -1160,7 +1186,7 @@ def run_stage(c, stage, context=None, fresh=False):
     name = {"teacher": "teacher", "ode": "ode", "diffusion": context,
             "distill": context in DISTILLED and distilled_name(c, context)}[stage]
     if fresh:  # retrain: forget the checkpoint (and, for the ODE init, its teacher trajectories)
-        for f in [f"{name}.pt"] + (["ode_pairs.pt"] if stage == "ode" else []):
+        for f in [f"{name}.pt"] + ([f"ode_pairs_{c.ode_teacher}.pt"] if stage == "ode" else []):
             if os.path.exists(os.path.join(c.out, f)):
                 os.remove(os.path.join(c.out, f))
     {"teacher": lambda: train_teacher(c), "ode": lambda: train_ode(c),
@@ -1180,7 +1206,7 @@ def main(argv=None):
         print("config:", json.dumps(dataclasses.asdict(c)))
         if args.stage == "demo":
             t0 = time.time()
-            for stage, ctx in [("teacher", None), ("ode", None), ("diffusion", "tf"), ("diffusion", "df"),
+            for stage, ctx in [("teacher", None), ("diffusion", "tf"), ("diffusion", "df"), ("ode", None),
                                ("distill", "df"), ("distill", "self")]:
                 run_stage(c, stage, ctx, args.fresh)
                 print(f"[demo] {stage} {ctx or ''} finished at {time.time() - t0:.0f}s")

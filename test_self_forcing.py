@@ -236,6 +236,29 @@ def test_schedule_and_chunk_noise():
     assert abs(np.corrcoef(sig[:, 0], sig[:, 2])[0, 1]) < 0.05  # independent across chunks
 
 
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_ar_teacher_ode_pairs_follow_from_what_the_student_sees(chunk):
+    """ode_teacher=tf: every chunk's trajectory must be a function of its own start noise and the CLEAN
+    earlier chunks only, the student's inputs. Reference: integrate the whole clip at once from the
+    recorded start, under the teacher-forcing mask with the recorded ends as clean context; it must pass
+    through every recorded state and land on the ends, which are the TF sampler's own output."""
+    c = cfg(ode_teacher="tf", chunk=chunk, euler_steps=8)
+    m, y = random_model(c), torch.tensor([0, 2])
+    torch.manual_seed(3)
+    xs, x0 = sf.ode_trajectories(c, m, y)  # (B, K, F, C, H, W), (B, F, C, H, W)
+    torch.manual_seed(3)
+    assert torch.allclose(x0, sf.generate(m, "euler", y, c.frames, c), atol=1e-5)
+    sig, stride, x = sf.euler_sigmas(c), c.euler_steps // c.few_steps, xs[:, 0]
+    for i in range(c.euler_steps):
+        if i % stride == 0:
+            assert torch.allclose(x, xs[:, i // stride], atol=1e-4), i
+        s = sig[i].expand(2, c.frames)
+        vc, vu = (sf.causal_forward(m, x, s, yy, c, "tf", x_clean=x0) for yy in (y, torch.full_like(y, 3)))
+        x = x + (sig[i + 1] - sig[i]) * (vu + c.cfg * (vc - vu))
+    assert torch.allclose(x, x0, atol=1e-4)
+    assert not torch.allclose(xs[:, 1], xs[:, 0], atol=1e-2)  # the trajectory does move
+
+
 # ----------------------------------------------------------------------------------------------------
 # the rollout (Algorithm 1)
 
