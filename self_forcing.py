@@ -36,7 +36,8 @@ Sections (paper):
 Simplifications against the paper (also in the README): pixels instead of VAE latents; a ~1M-parameter
 DiT instead of Wan2.1-1.3B; the teacher (real score) and critic are the same size as the student
 (the paper's real score is the 14B model); labels instead of text prompts; Euler instead of UniPC for
-the many-step baselines; DMD only (no SiD or GAN variants).
+the many-step baselines; DMD only (no SiD or GAN variants); the ODE init regresses onto the TF model's
+chunk-by-chunk ODE, not the bidirectional teacher's (section 7 says why; `--ode_teacher=bidir` is the paper's).
 """
 import argparse
 import copy
@@ -91,7 +92,7 @@ class Config:
     teacher_iters: int = 2500  # teacher training steps
     ode_pairs: int = 512  # teacher trajectories for the ODE init
     ode_teacher: str = "tf"  # whose ODE the init regresses onto: tf (AR teacher, Causal Forcing) | bidir (paper)
-    ode_iters: int = 500  # ODE-regression steps (initialised from the teacher)
+    ode_iters: int = 500  # ODE-regression steps (the student starts from its ODE teacher's weights)
     diffusion_iters: int = 600  # TF and DF many-step baselines (initialised from the teacher)
     distill_iters: int = 60  # generator updates of SF, TF+DMD, DF+DMD
     critic_ratio: int = 5  # critic updates per generator update (official 5:1)
@@ -635,9 +636,9 @@ def train_ode(c):
     if not os.path.exists(path):
         g = torch.Generator().manual_seed(c.seed + 7)
         y = torch.randint(0, teacher.n_classes, (c.ode_pairs,), generator=g).to(c.device)
-        pairs = [ode_trajectories(c, teacher, y[i:i + 256]) for i in tqdm(range(0, c.ode_pairs, 256), desc="ode pairs")]
-        save(path, {"xs": torch.cat([p[0].cpu() for p in pairs]), "x0": torch.cat([p[1].cpu() for p in pairs]),
-                    "y": y.cpu()})
+        batches = range(0, c.ode_pairs, 256)
+        xs, x0s = zip(*[ode_trajectories(c, teacher, y[i:i + 256]) for i in tqdm(batches, desc="ode pairs")])
+        save(path, {"xs": torch.cat(xs).cpu(), "x0": torch.cat(x0s).cpu(), "y": y.cpu()})
     pairs = torch.load(path, weights_only=True)
     xs, x0s, ys = (pairs[k].to(c.device) for k in ("xs", "x0", "y"))  # xs (P, K, F, C, H, W)
     model = build(c, teacher.state_dict())  # start from the teacher's weights (made causal by the mask)
@@ -866,7 +867,7 @@ def distill(c, context):
             # The critic is trained EXACTLY as the teacher was (its noise levels too): then, were the
             # generator perfect, critic and teacher would agree and DMD's gradient would vanish. Trained
             # on the levels DMD queries instead (score_sigma, mostly near 1), a critic drifts away from the
-            # teacher even on real clips, and DMD reads that drift as a gradient (measured: README, Latest).
+            # teacher even on real clips, and DMD reads that drift as a gradient (measured: README, Session 4).
             with autocast(c):
                 lc = flow_matching_loss(critic, x.detach(), y, clip_sigma(c.batch, c, c.device))
             optimize(opt_c, lc, critic, c.clip)
