@@ -607,7 +607,8 @@ def test_sample_stage_writes_npz_and_gif(run_dir):
     (["--window=1"], "window"),
     (["--kv_grad=maybe"], "kv_grad"),
     (["diffusion"], "--context"),
-    (["ode", "--out=/tmp/sf_empty_dir_for_test"], "missing checkpoint"),
+    (["--ode_teacher=wan"], "ode_teacher"),
+    (["ode", "--out=/tmp/sf_empty_dir_for_test"], "diffusion --context tf"),  # the ODE teacher is the TF model
     (["--out=/proc/forbidden"], "cannot write"),
 ])
 def test_cli_bad_input_one_line_exit_2(args, needle):
