@@ -500,6 +500,17 @@ class spy_steps:
         sf.train = self.orig
 
 
+def test_ode_init_from_the_bidirectional_teacher_needs_only_the_teacher(run_dir, tmp_path):
+    """--ode_teacher=bidir, the paper's recipe: pairs from the teacher's whole-clip sampler, no TF model."""
+    copy_checkpoints(run_dir, tmp_path, "teacher")
+    sf.main(["ode", "--preset", "test", f"--out={tmp_path}", "--device=cpu", "--ode_teacher=bidir"])
+    c = cfg()
+    pairs = torch.load(tmp_path / "ode_pairs_bidir.pt", weights_only=True)
+    assert pairs["xs"].shape == (c.ode_pairs, c.few_steps, c.frames, 3, c.size, c.size)
+    assert pairs["x0"].shape == (c.ode_pairs, c.frames, 3, c.size, c.size)
+    assert (tmp_path / "ode.pt").exists() and not (tmp_path / "tf.pt").exists()
+
+
 def test_teacher_loss_goes_down(tmp_path):
     c = cfg(out=str(tmp_path), teacher_iters=40, batch=16, n_train=256)
     torch.manual_seed(0)
