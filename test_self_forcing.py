@@ -500,6 +500,24 @@ class spy_steps:
         sf.train = self.orig
 
 
+def test_ode_student_sees_its_teachers_context(run_dir, tmp_path, monkeypatch):
+    """ode_teacher=tf: the student regresses with the CLEAN ends of earlier chunks as context (what the TF
+    model conditioned on when it made the pairs, and what the cache holds at inference), never the
+    noisy states of the same trajectory (the bidirectional recipe's block-causal input)."""
+    copy_checkpoints(run_dir, tmp_path, "teacher", "tf")
+    seen, forward = [], sf.causal_forward
+
+    def spy(model, x_noisy, sigma, y, c, context, x_clean=None):
+        seen.append((context, x_clean))
+        return forward(model, x_noisy, sigma, y, c, context, x_clean)
+
+    monkeypatch.setattr(sf, "causal_forward", spy)
+    sf.main(["ode", "--preset", "test", f"--out={tmp_path}", "--device=cpu"])
+    x0 = torch.load(tmp_path / "ode_pairs_tf.pt", weights_only=True)["x0"]
+    assert seen and all(ctx == "tf" for ctx, _ in seen)
+    assert all(any(torch.equal(xc[j], e) for e in x0) for _, xc in seen for j in range(len(xc)))
+
+
 def test_ode_init_from_the_bidirectional_teacher_needs_only_the_teacher(run_dir, tmp_path):
     """--ode_teacher=bidir, the paper's recipe: pairs from the teacher's whole-clip sampler, no TF model."""
     copy_checkpoints(run_dir, tmp_path, "teacher")
