@@ -1133,7 +1133,7 @@ def sample_stage(c, args):
 STAGES = {
     "demo": "(default) the whole pipeline on the preset, then eval: teacher, tf, df, ode, df+dmd, sf",
     "teacher": "train the bidirectional many-step teacher (real score, critic init)",
-    "ode": "ODE-regression init of the causal few-step generator from the TF model's trajectories",
+    "ode": "ODE-regression init of the causal few-step generator (--ode_teacher: tf model | bidir teacher)",
     "diffusion": "many-step causal baseline by flow matching: --context tf | df",
     "distill": "DMD few-step generator: --context self (Self Forcing) | tf | df (CausVid-style)",
     "sample": "write samples_MODEL.npz (videos uint8 (N,F,H,W,3), labels) and a GIF: --model NAME",

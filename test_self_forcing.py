@@ -504,7 +504,7 @@ def test_ode_student_sees_its_teachers_context(run_dir, tmp_path, monkeypatch):
     """ode_teacher=tf: the student regresses with the CLEAN ends of earlier chunks as context (what the TF
     model conditioned on when it made the pairs, and what the cache holds at inference), never the
     noisy states of the same trajectory (the bidirectional recipe's block-causal input)."""
-    copy_checkpoints(run_dir, tmp_path, "teacher", "tf")
+    copy_checkpoints(run_dir, tmp_path, "tf")  # the TF model alone: it is the ODE teacher and the init
     seen, forward = [], sf.causal_forward
 
     def spy(model, x_noisy, sigma, y, c, context, x_clean=None):
@@ -572,8 +572,12 @@ def test_critic_is_trained_with_the_teachers_noise_levels(run_dir, tmp_path, mon
     the teacher even on real clips, and DMD reads that drift as a gradient."""
     copy_checkpoints(run_dir, tmp_path, "teacher", "ode")
     levels, orig = {}, sf.flow_matching_loss
-    monkeypatch.setattr(sf, "flow_matching_loss",
-                        lambda m, x0, y, sigma, **kw: (levels[who].append(sigma), orig(m, x0, y, sigma, **kw))[1])
+
+    def spy(model, x0, y, sigma, **kw):
+        levels[who].append(sigma)
+        return orig(model, x0, y, sigma, **kw)
+
+    monkeypatch.setattr(sf, "flow_matching_loss", spy)
     torch.manual_seed(0)
     (tmp_path / "t").mkdir()
     for who, run in (("teacher", lambda: sf.train_teacher(cfg(out=str(tmp_path / "t"), teacher_iters=4, batch=128))),
