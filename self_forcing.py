@@ -425,13 +425,17 @@ def save(path, obj):
     os.replace(tmp, path)
 
 
-def load(path, c, what):
+def load(path, c, what, finished=True):
+    """A checkpoint for a later stage (or, finished=False, for resuming its own)."""
     if not os.path.exists(path):
         raise UserError(f"missing checkpoint {path}: run the `{what}` stage first")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  truncated or foreign file
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}")
+    if finished and ck["step"] < ck.get("iters", 0):  # an interrupted stage: nothing may build on it
+        raise UserError(f"checkpoint {path} is unfinished ({ck['step']} of {ck['iters']} steps): "
+                        "run its stage again to finish it")
     for f in MODEL_FIELDS:
         if ck["config"].get(f, getattr(Config, f)) != getattr(c, f):  # a field it predates: the default
             raise UserError(f"checkpoint {path} has {f}={ck['config'].get(f)} but this run has "
@@ -465,7 +469,7 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
     path = os.path.join(c.out, name + ".pt")
     start = 0
     if os.path.exists(path):
-        ck = load(path, c, name)
+        ck = load(path, c, name, finished=False)
         start = ck["step"]
         if start >= iters:  # later stages read only its "ema" weights
             print(f"[{name}] reusing finished checkpoint {path} ({start} steps)")
@@ -475,7 +479,7 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
         print(f"[{name}] resuming from step {start}")
 
     def checkpoint(step):
-        save(path, {"config": dataclasses.asdict(c), "step": step,
+        save(path, {"config": dataclasses.asdict(c), "step": step, "iters": iters,
                     **{k: m.state_dict() for k, m in nets.items()}})
 
     t0, bar = time.time(), tqdm(range(start, iters), desc=name, dynamic_ncols=True, mininterval=1)

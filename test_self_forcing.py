@@ -622,6 +622,32 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     assert sf.load(str(tmp_path / "teacher.pt"), c, "teacher")["step"] == 6
 
 
+def test_a_later_stage_refuses_an_unfinished_checkpoint(tmp_path, monkeypatch):
+    # Interrupted at step 3 of 6: training resumes from it, but a later stage must not build on it (the
+    # ODE pairs of session 6's first frame-wise run came silently from a TF model stopped at 1500 of 2000).
+    c = cfg(out=str(tmp_path), teacher_iters=6, ckpt_every=3)
+    orig = sf.train
+
+    def interrupted(c_, name, nets, step_fn, iters, ema_decay=None):
+        def step(it):
+            if it == 4:
+                raise KeyboardInterrupt  # Ctrl-C after the step-3 checkpoint
+            return step_fn(it)
+        return orig(c_, name, nets, step, iters, ema_decay)
+    monkeypatch.setattr(sf, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sf.train_teacher(c)
+    monkeypatch.setattr(sf, "train", orig)
+    with pytest.raises(sf.UserError, match=r"unfinished \(3 of 6 steps\): run its stage again"):
+        sf.load(str(tmp_path / "teacher.pt"), c, "teacher")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "self_forcing.py"), "ode", "--preset", "test",
+                        "--ode_teacher=bidir", f"--out={tmp_path}"], capture_output=True, text=True, cwd=HERE,
+                       timeout=60)
+    assert r.returncode == 2 and "unfinished" in r.stderr and "Traceback" not in r.stderr
+    sf.train_teacher(c)  # resuming it finishes it; then it loads
+    assert sf.load(str(tmp_path / "teacher.pt"), c, "teacher")["step"] == 6
+
+
 def test_sample_stage_writes_npz_and_gif(run_dir):
     sf.main(["sample", "--preset", "test", f"--out={run_dir}", "--device=cpu", "--model", "sf", "--n", "3",
              "--n_frames", "8"])
