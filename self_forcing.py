@@ -975,27 +975,10 @@ def evaluate(c):
 def write_results(c, results, gifs):
     with open(os.path.join(c.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)  # numpy scalars as floats
-    ci = lambda s, k: f"{s[k]:.3f} [{s[k + '_ci'][0]:.2f}, {s[k + '_ci'][1]:.2f}]"  # noqa: E731
-    lines = [f"Device {c.device}, n_eval={c.n_eval}, {c.frames} frames (1x), {c.frames * c.long} ({c.long}x), "
+    table = (f"Device {c.device}, n_eval={c.n_eval}, {c.frames} frames (1x), {c.frames * c.long} ({c.long}x), "
              f"chunk={c.chunk}. Quality = valid x physics x speed score (1 is real data); [95% CI]. Exposure gap = "
-             f"quality with REAL context - quality with its OWN context ({c.long}x): what exposure bias costs.", "",
-             f"| method | NFE/frame | ms/frame | quality 1x | quality {c.long}x | speed ratio {c.long}x | valid {c.long}x "
-             f"| drift {c.long}x (last-first seg) | quality, real context {c.long}x | exposure gap |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        if name == "real":
-            lines.append(f"| real data | - | - | {ci(r['1x']['all'], 'quality')} | {ci(r['long']['all'], 'quality')} | "
-                         f"{r['long']['all']['speed_ratio']:.2f} | {r['long']['all']['valid']:.3f} | "
-                         f"{r['long']['drift']:+.3f} | - | - |")
-            continue
-        lg = r.get("long")
-        lines.append(f"| {r['label']} | {r['nfe_per_frame']:.1f} | {r['ms_per_frame_1x']:.2f} | "
-                     f"{ci(r['1x']['all'], 'quality')} | "
-                     + (f"{ci(lg['all'], 'quality')} | {lg['all']['speed_ratio']:.2f} | {lg['all']['valid']:.3f} | "
-                        f"{lg['drift']:+.3f} [{lg['drift_ci'][0]:+.2f}, {lg['drift_ci'][1]:+.2f}] | "
-                        f"{ci(r['real_ctx']['all'], 'quality')} | {r['exposure_gap']:+.3f} |" if lg else
-                        "- | - | - | - | - | - |"))
-    table = "\n".join(lines)
+             f"quality with REAL context - quality with its OWN context ({c.long}x): what exposure bias costs.\n\n"
+             + toy_data.results_table(results, c.long))
     with open(os.path.join(c.out, "results.md"), "w") as f:
         f.write(table + "\n")
     print(table)
@@ -1038,18 +1021,9 @@ def evaluate_long(c, mult=16, at=(1, 4, 8, 16)):
         gifs[label] = vids[0]
         print(f"[long] {label}: quality per segment "
               + " ".join(f"{s['quality']:.2f}" for s in results[f"{name}_sink{sink}"]["segments"]))
-    ci = lambda s: f"{s['quality']:.3f} [{s['quality_ci'][0]:.2f}, {s['quality_ci'][1]:.2f}]"  # noqa: E731
-    lines = [f"Device {c.device}, n_eval={c.n_eval}, rollouts of {L} frames ({mult}x {c.frames}), chunk={c.chunk}, "
+    table = (f"Device {c.device}, n_eval={c.n_eval}, rollouts of {L} frames ({mult}x {c.frames}), chunk={c.chunk}, "
              f"cache window {c.window or c.frames} frames. Quality of the segment of {c.frames} frames ending "
-             f"at Nx [95% CI]; drift = last segment - first.", "",
-             "| method | " + " | ".join(f"quality {a}x" for a in at) + f" | speed ratio {mult}x | valid {mult}x "
-             f"| drift {mult}x |", "|---" * (len(at) + 4) + "|"]
-    for r in results.values():
-        last = r["segments"][-1]
-        lines.append(f"| {r['label']} | " + " | ".join(ci(r["segments"][a - 1]) for a in at)
-                     + f" | {last['speed_ratio']:.2f} | {last['valid']:.3f} | {r['drift']:+.3f} "
-                     f"[{r['drift_ci'][0]:+.2f}, {r['drift_ci'][1]:+.2f}] |")
-    table = "\n".join(lines)
+             f"at Nx [95% CI]; drift = last segment - first.\n\n" + toy_data.long_table(results, at, mult))
     print(table)
     with open(os.path.join(c.out, "results_long.md"), "w") as f:
         f.write(table + "\n")
@@ -1094,19 +1068,9 @@ def bench(c, mult=16, repeats=3):
                              attended_frames=frames, kv_mb=2 * c.depth * c.n_eval * frames * model.N * c.width * elem / 2**20,
                              peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
                              video_mb=c.n_eval * n * 3 * c.size ** 2 * 4 / 2**20))  # the output it returns
-    lines = [f"Device {c.device}, batch {c.n_eval}, {c.few_steps}-step rollout, chunk {c.chunk}, window "
-             f"{c.window or c.frames} frames; median of {repeats} runs.", "",
-             "| cache | length | ms per chunk | frames attended | KV cache MB | peak CUDA MB | output video MB |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['cache']} | {r['length']} ({r['frames']} frames) | {r['ms_per_chunk']:.2f} | {r['attended_frames']} "
-              f"| {r['kv_mb']:.1f} | {'-' if math.isnan(r['peak_mb']) else round(r['peak_mb'])} | {r['video_mb']:.0f} |"
-              for r in rows]
-    for cache in ("rolling", "growing"):
-        a, b = [r for r in rows if r["cache"] == cache]
-        lines.append(f"\n{cache}: {mult}x / 1x per-chunk time {b['ms_per_chunk'] / a['ms_per_chunk']:.2f}, "
-                     f"KV cache {b['kv_mb'] / a['kv_mb']:.2f}" + (f", peak memory {b['peak_mb'] / a['peak_mb']:.2f}" if cuda else ""))
-    lines.append("\nThe peak includes the video the rollout returns (held twice while its chunks are concatenated).")
-    table = "\n".join(lines)
+    table = (f"Device {c.device}, batch {c.n_eval}, {c.few_steps}-step rollout, chunk {c.chunk}, window "
+             f"{c.window or c.frames} frames; median of {repeats} runs.\n\n" + toy_data.bench_table(rows, mult, cuda)
+             + "\n\nThe peak includes the video the rollout returns (held twice while its chunks are concatenated).")
     print(table)
     with open(os.path.join(c.out, "bench.md"), "w") as f:
         f.write(table + "\n")

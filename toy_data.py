@@ -337,3 +337,55 @@ def write_gif(path, panels, captions, scale=3, fps=8):
         bar[:, : int(frame.shape[1] * (f + 1) / F)] = (230, 180, 0)
         frames.append(np.concatenate([frame, bar], 0))
     imageio.mimsave(path, frames, duration=1 / fps, loop=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Markdown tables (self_forcing.py's eval, long and bench stages)
+
+def _ci(s, k="quality"):
+    return f"{s[k]:.3f} [{s[k + '_ci'][0]:.2f}, {s[k + '_ci'][1]:.2f}]"
+
+
+def results_table(results, long):
+    """One row per method of self_forcing.evaluate's results (1x, `long`x, drift, real context, gap)."""
+    lines = [f"| method | NFE/frame | ms/frame | quality 1x | quality {long}x | speed ratio {long}x | valid {long}x "
+             f"| drift {long}x (last-first seg) | quality, real context {long}x | exposure gap |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lg = r.get("long")
+        if name == "real":
+            lines.append(f"| real data | - | - | {_ci(r['1x']['all'])} | {_ci(lg['all'])} | "
+                         f"{lg['all']['speed_ratio']:.2f} | {lg['all']['valid']:.3f} | {lg['drift']:+.3f} | - | - |")
+            continue
+        lines.append(f"| {r['label']} | {r['nfe_per_frame']:.1f} | {r['ms_per_frame_1x']:.2f} | {_ci(r['1x']['all'])} | "
+                     + (f"{_ci(lg['all'])} | {lg['all']['speed_ratio']:.2f} | {lg['all']['valid']:.3f} | "
+                        f"{lg['drift']:+.3f} [{lg['drift_ci'][0]:+.2f}, {lg['drift_ci'][1]:+.2f}] | "
+                        f"{_ci(r['real_ctx']['all'])} | {r['exposure_gap']:+.3f} |" if lg else
+                        "- | - | - | - | - | - |"))
+    return "\n".join(lines)
+
+
+def long_table(results, at, mult):
+    """Quality of the segments ending at each of `at` (x the training length), then speed, validity, drift."""
+    lines = ["| method | " + " | ".join(f"quality {a}x" for a in at) + f" | speed ratio {mult}x | valid {mult}x "
+             f"| drift {mult}x |", "|---" * (len(at) + 4) + "|"]
+    for r in results.values():
+        last = r["segments"][-1]
+        lines.append(f"| {r['label']} | " + " | ".join(_ci(r["segments"][a - 1]) for a in at)
+                     + f" | {last['speed_ratio']:.2f} | {last['valid']:.3f} | {r['drift']:+.3f} "
+                     f"[{r['drift_ci'][0]:+.2f}, {r['drift_ci'][1]:+.2f}] |")
+    return "\n".join(lines)
+
+
+def bench_table(rows, mult, cuda):
+    """Per-chunk time and memory of the rolling and the growing cache, then their 16x / 1x ratios."""
+    lines = ["| cache | length | ms per chunk | frames attended | KV cache MB | peak CUDA MB | output video MB |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['cache']} | {r['length']} ({r['frames']} frames) | {r['ms_per_chunk']:.2f} | {r['attended_frames']} "
+              f"| {r['kv_mb']:.1f} | {'-' if np.isnan(r['peak_mb']) else round(r['peak_mb'])} | {r['video_mb']:.0f} |"
+              for r in rows]
+    for cache in ("rolling", "growing"):
+        a, b = [r for r in rows if r["cache"] == cache]
+        lines.append(f"\n{cache}: {mult}x / 1x per-chunk time {b['ms_per_chunk'] / a['ms_per_chunk']:.2f}, "
+                     f"KV cache {b['kv_mb'] / a['kv_mb']:.2f}" + (f", peak memory {b['peak_mb'] / a['peak_mb']:.2f}" if cuda else ""))
+    return "\n".join(lines)
