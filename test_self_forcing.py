@@ -623,8 +623,8 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
 
 
 def test_a_later_stage_refuses_an_unfinished_checkpoint(tmp_path, monkeypatch):
-    # Interrupted at step 3 of 6: training resumes from it, but a later stage must not build on it (the
-    # ODE pairs of session 6's first frame-wise run came silently from a TF model stopped at 1500 of 2000).
+    # Interrupted at step 3 of 6: training resumes from it, but a later stage must not build on it (it
+    # happened: ODE pairs made, without a word, from a TF model stopped at step 1500 of 2000).
     c = cfg(out=str(tmp_path), teacher_iters=6, ckpt_every=3)
     orig = sf.train
 

@@ -14,6 +14,8 @@ Metrics (per frame, per channel): find the object (mass, centroid), re-render th
 and compare. Validity = the object is there, has the right mass, and nothing is stray. Motion = centroids
 follow the data's physics (constant velocity, or gravity) with bounces, at the speed of real data (a
 frozen video scores 0). Semantics = the best-fitting shape family is the label.
+
+Also here, as non-paper code: the side-by-side GIF writer and the markdown tables of the results.
 """
 import numpy as np
 
@@ -340,7 +342,7 @@ def write_gif(path, panels, captions, scale=3, fps=8):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Markdown tables (self_forcing.py's eval, long and bench stages)
+# 6. Markdown tables (self_forcing.py's eval, long and bench stages)
 
 def _ci(s, k="quality"):
     return f"{s[k]:.3f} [{s[k + '_ci'][0]:.2f}, {s[k + '_ci'][1]:.2f}]"
@@ -378,7 +380,7 @@ def long_table(results, at, mult):
 
 
 def bench_table(rows, mult, cuda):
-    """Per-chunk time and memory of the rolling and the growing cache, then their 16x / 1x ratios."""
+    """Per-chunk time and memory of the rolling and the growing cache, then their mult-x / 1x ratios."""
     lines = ["| cache | length | ms per chunk | frames attended | KV cache MB | peak CUDA MB | output video MB |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['cache']} | {r['length']} ({r['frames']} frames) | {r['ms_per_chunk']:.2f} | {r['attended_frames']} "
