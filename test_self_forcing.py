@@ -482,14 +482,17 @@ def test_long_view_and_bench_stages(run_dir, tmp_path):
 
 
 class spy_steps:
-    """Wrap sf.train so that every training step's (index, losses) is appended to `seen`."""
+    """Wrap sf.train so that every training step's (index, losses) is appended to `seen`; with
+    interrupt_at, step `interrupt_at` raises KeyboardInterrupt instead (a Ctrl-C)."""
 
-    def __init__(self, seen):
-        self.seen, self.orig = seen, sf.train
+    def __init__(self, seen, interrupt_at=None):
+        self.seen, self.orig, self.interrupt_at = seen, sf.train, interrupt_at
 
     def __enter__(self):
         def train(c_, name, nets, step_fn, iters, ema_decay=None):
             def step(it):
+                if it == self.interrupt_at:
+                    raise KeyboardInterrupt
                 out = step_fn(it)
                 self.seen.append((it, out))
                 return out
@@ -622,22 +625,12 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     assert sf.load(str(tmp_path / "teacher.pt"), c, "teacher")["step"] == 6
 
 
-def test_a_later_stage_refuses_an_unfinished_checkpoint(tmp_path, monkeypatch):
+def test_a_later_stage_refuses_an_unfinished_checkpoint(tmp_path):
     # Interrupted at step 3 of 6: training resumes from it, but a later stage must not build on it (it
     # happened: ODE pairs made, without a word, from a TF model stopped at step 1500 of 2000).
     c = cfg(out=str(tmp_path), teacher_iters=6, ckpt_every=3)
-    orig = sf.train
-
-    def interrupted(c_, name, nets, step_fn, iters, ema_decay=None):
-        def step(it):
-            if it == 4:
-                raise KeyboardInterrupt  # Ctrl-C after the step-3 checkpoint
-            return step_fn(it)
-        return orig(c_, name, nets, step, iters, ema_decay)
-    monkeypatch.setattr(sf, "train", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with spy_steps([], interrupt_at=4), pytest.raises(KeyboardInterrupt):  # Ctrl-C after the step-3 checkpoint
         sf.train_teacher(c)
-    monkeypatch.setattr(sf, "train", orig)
     with pytest.raises(sf.UserError, match=r"unfinished \(3 of 6 steps\): run its stage again"):
         sf.load(str(tmp_path / "teacher.pt"), c, "teacher")
     r = subprocess.run([sys.executable, os.path.join(HERE, "self_forcing.py"), "ode", "--preset", "test",
