@@ -84,7 +84,7 @@ class Config:
     shift: float = 5.0  # time shift k: sigma' = k sigma / (1 + (k-1) sigma), Wan/official value 5
     few_steps: int = 4  # K, steps of the few-step generator: grid [1, .75, .5, .25] shifted
     euler_steps: int = 16  # Euler steps of the teacher and the many-step TF/DF baselines (multiple of K)
-    cfg: float = 3.0  # classifier-free guidance scale (u + cfg (c - u)) for teacher / baselines / real score
+    cfg: float = 3.0  # classifier-free guidance scale (u + cfg (c - u)) of the teacher and TF/DF samplers
     p_uncond: float = 0.1  # label dropout while training, so that CFG exists
     # training (steps of every stage; the same for TF and DF, and for all three DMD methods)
     batch: int = 32  # clips per step, every stage
@@ -96,8 +96,9 @@ class Config:
     diffusion_iters: int = 600  # TF and DF many-step baselines (initialised from the teacher)
     distill_iters: int = 60  # generator updates of SF, TF+DMD, DF+DMD
     critic_ratio: int = 5  # critic updates per generator update (official 5:1)
-    lr_gen: float = 1e-5  # DMD generator lr (AdamW betas (0, 0.999), as official); 1e-4 collapses, then recovers
+    lr_gen: float = 3e-5  # DMD generator lr (AdamW betas (0, 0.999), as official); gpu 1e-5; 1e-4 oscillates
     lr_critic: float = 1e-4  # DMD critic lr
+    real_cfg: float = 1.5  # CFG of DMD's real score, the teacher (u + real_cfg (c - u)); 3 costs SF its frames
     kv_grad: str = "detach"  # gradient through the KV cache in SF: detach | st (official straight-through)
     watch: int = 0  # distill: every `watch` updates, score the EMA generator at `long`x (0 = off)
     train_frames: int = 0  # SF training rollout length; > frames: the cache rolls, DMD judges the last frames
@@ -126,7 +127,7 @@ PRESETS = {
     "cpu": dict(),  # the defaults (16x16, 64 tokens per frame, 4-frame clips, frame-wise): a 2-core CPU
     "gpu": dict(size=32, n_objects=3, radius=3.5, speed_min=1.0, speed_max=2.5, n_train=16000, patch=4,
                 width=128, depth=4, heads=4, frames=8, chunk=2, euler_steps=32, batch=256, teacher_iters=4000,
-                ode_pairs=2048, ode_iters=1000, diffusion_iters=2000, distill_iters=200, n_eval=256),
+                ode_pairs=2048, ode_iters=1000, diffusion_iters=2000, distill_iters=200, lr_gen=1e-5, n_eval=256),
 }
 MODEL_FIELDS = ("size", "patch", "width", "depth", "heads", "gravity")  # what a checkpoint must agree on
 
@@ -794,7 +795,7 @@ def dmd_loss(x, y, teacher, critic, c):
         x_t = add_noise(x, sigma, torch.randn_like(x))  # diffuse the generated video to a random level
         s = sigma[..., None, None, None]
         with autocast(c):
-            x0_real = x_t - s * guided(teacher, x_t, sigma, y, c.cfg).float()  # real score, with CFG
+            x0_real = x_t - s * guided(teacher, x_t, sigma, y, c.real_cfg).float()  # real score, with CFG
             x0_fake = x_t - s * critic(x_t, sigma, y).float()  # fake score: the critic, not the generator
         # descending along grad moves x toward what the teacher would denoise it to (x0_real) and away
         # from what the critic, a model of the generator's own distribution, would (x0_fake)

@@ -406,7 +406,7 @@ def gaussian_v(mu, std):
 
 
 def test_dmd_gradient_zero_when_scores_agree_and_points_to_the_data():
-    c = cfg(frames=1, chunk=1, cfg=1.0)
+    c = cfg(frames=1, chunk=1, real_cfg=1.0)
     x = torch.randn(64, 1, 1, 1, 16, requires_grad=True)
     real = gaussian_v(2.0, 0.5)
     sf.dmd_loss(x, None, real, real, c).backward()
@@ -416,11 +416,31 @@ def test_dmd_gradient_zero_when_scores_agree_and_points_to_the_data():
     assert (x.grad.mean() < 0)  # descending moves the samples up, toward the data mean 2.0
 
 
+def test_dmd_real_score_is_the_teacher_guided_with_real_cfg():
+    """The real score is u + real_cfg (c - u) of the teacher (not the samplers' cfg), recomputed here with
+    two plain calls; the gradient reaching x is (x0_fake - x0_real) / per-sample L1 norm / numel."""
+    c = cfg(frames=2, chunk=1, cfg=3.0, real_cfg=2.0)
+    teacher, critic = random_model(c, 0), random_model(c, 1)
+    x, _, y = inputs(c, B=3)
+    x.requires_grad_(True)
+    torch.manual_seed(5)
+    sf.dmd_loss(x, y, teacher, critic, c).backward()
+    torch.manual_seed(5)  # the same noise level and noise as inside dmd_loss
+    with torch.no_grad():
+        s = sf.score_sigma(3, c, "cpu")
+        x_t = sf.add_noise(x, s, torch.randn_like(x))
+        vc, vu = teacher(x_t, s, y), teacher(x_t, s, torch.full_like(y, teacher.n_classes))
+        s = s[..., None, None, None]
+        x0_real, x0_fake = x_t - s * (vu + 2.0 * (vc - vu)), x_t - s * critic(x_t, s[:, :, 0, 0, 0], y)
+        ref = (x0_fake - x0_real) / (x - x0_real).abs().mean((1, 2, 3, 4), keepdim=True) / x.numel()
+    torch.testing.assert_close(x.grad, ref, rtol=1e-4, atol=1e-9)
+
+
 def test_dmd_with_trained_critic_moves_generator_to_target():
     """Generator x = a z + b; real score exact for N(1.5, 0.5^2); the critic (a Gaussian score with
     learnable mean/std) is trained by flow matching on generator samples, 5 updates per generator one."""
     torch.manual_seed(0)
-    c = cfg(frames=1, chunk=1, cfg=1.0)
+    c = cfg(frames=1, chunk=1, real_cfg=1.0)
     a, b = torch.tensor(1.0, requires_grad=True), torch.tensor(-1.0, requires_grad=True)
     cm, cls = torch.tensor(0.0, requires_grad=True), torch.tensor(0.0, requires_grad=True)
     critic = lambda x_t, sigma, y: gaussian_v(cm, cls.exp())(x_t, sigma, y)  # noqa: E731
