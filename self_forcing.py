@@ -37,7 +37,8 @@ Simplifications against the paper (also in the README): pixels instead of VAE la
 DiT instead of Wan2.1-1.3B; the teacher (real score) and critic are the same size as the student
 (the paper's real score is the 14B model); labels instead of text prompts; Euler instead of UniPC for
 the many-step baselines; DMD only (no SiD or GAN variants); the ODE init regresses onto the TF model's
-chunk-by-chunk ODE, not the bidirectional teacher's (section 7 says why; `--ode_teacher=bidir` is the paper's).
+chunk-by-chunk ODE, not the bidirectional teacher's (section 7 says why; `--ode_teacher=bidir` is the paper's);
+DMD's real score is guided at 1.5, not the official 3 (`real_cfg`: our teacher is tiny; README measures).
 """
 import argparse
 import copy
