@@ -427,11 +427,11 @@ def test_dmd_real_score_is_the_teacher_guided_with_real_cfg():
     sf.dmd_loss(x, y, teacher, critic, c).backward()
     torch.manual_seed(5)  # the same noise level and noise as inside dmd_loss
     with torch.no_grad():
-        s = sf.score_sigma(3, c, "cpu")
-        x_t = sf.add_noise(x, s, torch.randn_like(x))
-        vc, vu = teacher(x_t, s, y), teacher(x_t, s, torch.full_like(y, teacher.n_classes))
-        s = s[..., None, None, None]
-        x0_real, x0_fake = x_t - s * (vu + 2.0 * (vc - vu)), x_t - s * critic(x_t, s[:, :, 0, 0, 0], y)
+        sigma = sf.score_sigma(3, c, "cpu")  # (B, F)
+        x_t = sf.add_noise(x, sigma, torch.randn_like(x))
+        vc, vu = teacher(x_t, sigma, y), teacher(x_t, sigma, torch.full_like(y, teacher.n_classes))
+        s = sigma[..., None, None, None]
+        x0_real, x0_fake = x_t - s * (vu + 2.0 * (vc - vu)), x_t - s * critic(x_t, sigma, y)
         ref = (x0_fake - x0_real) / (x - x0_real).abs().mean((1, 2, 3, 4), keepdim=True) / x.numel()
     torch.testing.assert_close(x.grad, ref, rtol=1e-4, atol=1e-9)
 
