@@ -1154,12 +1154,15 @@ def make_config(args):
 
 
 def run_stage(c, stage, context=None, fresh=False):
+    """One stage, from its own seed: the demo, which runs every stage in one process, gives the same
+    checkpoints as the stages run one by one, whatever ran before (no stage depends on RNG order)."""
     name = {"teacher": "teacher", "ode": "ode", "diffusion": context,
             "distill": context in DISTILLED and distilled_name(c, context)}[stage]
     if fresh:  # retrain: forget the checkpoint (and, for the ODE init, its teacher trajectories)
         for f in [f"{name}.pt"] + ([f"ode_pairs_{c.ode_teacher}.pt"] if stage == "ode" else []):
             if os.path.exists(os.path.join(c.out, f)):
                 os.remove(os.path.join(c.out, f))
+    torch.manual_seed(c.seed)
     {"teacher": lambda: train_teacher(c), "ode": lambda: train_ode(c),
      "diffusion": lambda: train_diffusion(c, context), "distill": lambda: distill(c, context)}[stage]()
 

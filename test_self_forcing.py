@@ -485,6 +485,18 @@ def test_demo_runs_every_stage_and_writes_results(run_dir):
         assert os.path.getsize(os.path.join(run_dir, f)) > 0
 
 
+def test_demo_stage_equals_the_same_stage_run_alone(run_dir, tmp_path):
+    """The demo runs every stage in one process, Self Forcing after DF+DMD: its checkpoint must be the one
+    `distill --context self` writes alone from the same inputs, not a draw that depends on what ran before."""
+    copy_checkpoints(run_dir, tmp_path, "teacher", "ode")
+    torch.randn(1000)  # whatever this process did before must not matter either
+    sf.main(["distill", "--context", "self", "--preset", "test", f"--out={tmp_path}", "--device=cpu"])
+    alone = torch.load(tmp_path / "sf.pt", weights_only=True)
+    demo = torch.load(os.path.join(run_dir, "sf.pt"), weights_only=True)
+    for net in ("model", "critic"):
+        assert all(torch.equal(alone[net][k], demo[net][k]) for k in demo[net]), net
+
+
 def test_long_view_and_bench_stages(run_dir, tmp_path):
     copy_checkpoints(run_dir, tmp_path, "teacher", "ode", "tf", "sf")
     args = ["--preset", "test", f"--out={tmp_path}", "--device=cpu"]
