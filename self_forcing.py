@@ -97,7 +97,7 @@ class Config:
     diffusion_iters: int = 600  # TF and DF many-step baselines (initialised from the teacher)
     distill_iters: int = 60  # generator updates of SF, TF+DMD, DF+DMD
     critic_ratio: int = 5  # critic updates per generator update (official 5:1)
-    lr_gen: float = 3e-5  # DMD generator lr (AdamW betas (0, 0.999), as official); gpu 1e-5; 1e-4 oscillates
+    lr_gen: float = 3e-5  # DMD generator lr (AdamW betas (0, 0.999), official); gpu 1e-5; SF collapses in some draws
     lr_critic: float = 1e-4  # DMD critic lr
     real_cfg: float = 1.5  # CFG of DMD's real score, the teacher (u + real_cfg (c - u)); 3 costs SF its frames
     kv_grad: str = "detach"  # gradient through the KV cache in SF: detach | st (official straight-through)
