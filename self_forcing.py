@@ -101,6 +101,7 @@ class Config:
     lr_critic: float = 1e-4  # DMD critic lr
     real_cfg: float = 1.5  # CFG of DMD's real score, the teacher (u + real_cfg (c - u)); 3 costs SF its frames
     kv_grad: str = "detach"  # gradient through the KV cache in SF: detach | st (official straight-through)
+    exit_step: str = "random"  # SF's exit step: random s ~ U{0..K-1} (Alg. 1) | last (K-1: no collapse seen)
     watch: int = 0  # distill: every `watch` updates, score the EMA generator at `long`x (0 = off)
     train_frames: int = 0  # SF training rollout length; > frames: the cache rolls, DMD judges the last frames
     restrict: bool = False  # SF training: the last chunk cannot attend to the first (paper Sec. 3.4)
@@ -153,6 +154,8 @@ def check_config(c):
         raise UserError(f"ode_teacher={c.ode_teacher!r}: choose bidir or tf")
     if c.kv_grad not in ("detach", "st"):
         raise UserError(f"kv_grad={c.kv_grad!r}: choose detach or st")
+    if c.exit_step not in ("random", "last"):
+        raise UserError(f"exit_step={c.exit_step!r}: choose random or last")
     if c.train_frames and (c.train_frames < c.frames or c.train_frames % c.chunk):
         raise UserError(f"train_frames={c.train_frames} must be >= frames={c.frames} and a multiple of chunk")
     if c.restrict and c.frames < 2 * c.chunk:
@@ -836,6 +839,9 @@ def distill(c, context):
         y = torch.randint(0, gen.n_classes, (B,), device=c.device)
         if context == "self":  # Alg. 1: its own rollout, one exit step shared by all chunks
             s = int(torch.randint(c.few_steps, ()))
+            # exit_step=last exits where inference does (s is drawn anyway: the same random stream). Every
+            # step still runs; only the last is trained. No collapse in 12 draws here (README, Session 9).
+            s = c.few_steps - 1 if c.exit_step == "last" else s
             # Sec. 3.4: a rollout longer than the teacher's window rolls its cache as inference does, and
             # only its last `frames` frames are judged (and get gradient). `restrict`: the last chunk
             # cannot see the first, as a chunk far past the training length cannot.

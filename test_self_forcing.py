@@ -600,6 +600,24 @@ def test_distill_trains_critic_and_generator_only(run_dir, tmp_path):
     assert ck["model"].keys() == ck["critic"].keys() and not same(ck["model"], ck["critic"])  # ...and distinct
 
 
+def test_exit_step_random_draws_every_step_and_last_always_the_last(run_dir, tmp_path, monkeypatch):
+    """Alg. 1 draws one exit step per rollout from all K; exit_step=last exits where inference does, with the
+    rest of training (and its random stream) unchanged."""
+    copy_checkpoints(run_dir, tmp_path, "teacher", "ode")
+    seen, orig = [], sf.rollout
+    monkeypatch.setattr(sf, "rollout", lambda *a, exit_step=None, **k: (seen.append(exit_step), orig(*a, exit_step=exit_step, **k))[1])
+    runs = {}
+    for mode in ("random", "last"):
+        seen.clear()
+        torch.manual_seed(0)
+        sf.distill(cfg(out=str(tmp_path), distill_iters=8, critic_ratio=2, exit_step=mode), "self")
+        runs[mode] = list(seen)
+        os.remove(tmp_path / "sf.pt")
+    K = cfg().few_steps
+    assert len(runs["random"]) == len(runs["last"]) == 8 * 3  # every critic and generator rollout
+    assert set(runs["random"]) == set(range(K)) and set(runs["last"]) == {K - 1}
+
+
 def test_critic_is_trained_with_the_teachers_noise_levels(run_dir, tmp_path, monkeypatch):
     """The critic's flow-matching loss is the teacher's, noise levels included (one logit-normal level per
     clip), not DMD's query levels (shifted toward 1): trained on other levels, a critic drifts away from
@@ -689,6 +707,7 @@ def test_sample_stage_writes_npz_and_gif(run_dir):
     (["--frames=5"], "multiple of chunk"),
     (["--window=1"], "window"),
     (["--kv_grad=maybe"], "kv_grad"),
+    (["--exit_step=first"], "exit_step"),
     (["diffusion"], "--context"),
     (["--ode_teacher=wan"], "ode_teacher"),
     (["ode", "--out=/tmp/sf_empty_dir_for_test"], "diffusion --context tf"),  # the ODE teacher is the TF model
