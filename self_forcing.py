@@ -481,10 +481,17 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
             return
         for k, m in nets.items():
             m.load_state_dict(ck[k])
+        if "rng" in ck:  # continue the random draws where they stopped: resumed == uninterrupted (tested)
+            torch.set_rng_state(ck["rng"]["cpu"])
+            if "cuda" in ck["rng"] and c.device.startswith("cuda"):
+                torch.cuda.set_rng_state(ck["rng"]["cuda"])
         print(f"[{name}] resuming from step {start}")
 
     def checkpoint(step):
-        save(path, {"config": dataclasses.asdict(c), "step": step, "iters": iters,
+        rng = {"cpu": torch.get_rng_state()}
+        if c.device.startswith("cuda"):
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save(path, {"config": dataclasses.asdict(c), "step": step, "iters": iters, "rng": rng,
                     **{k: m.state_dict() for k, m in nets.items()}})
 
     t0, bar = time.time(), tqdm(range(start, iters), desc=name, dynamic_ncols=True, mininterval=1)

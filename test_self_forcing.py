@@ -605,7 +605,11 @@ def test_exit_step_random_draws_every_step_and_last_always_the_last(run_dir, tmp
     rest of training (and its random stream) unchanged."""
     copy_checkpoints(run_dir, tmp_path, "teacher", "ode")
     seen, orig = [], sf.rollout
-    monkeypatch.setattr(sf, "rollout", lambda *a, exit_step=None, **k: (seen.append(exit_step), orig(*a, exit_step=exit_step, **k))[1])
+    def spy(*a, exit_step=None, **k):
+        seen.append(exit_step)
+        return orig(*a, exit_step=exit_step, **k)
+
+    monkeypatch.setattr(sf, "rollout", spy)
     runs = {}
     for mode in ("random", "last"):
         seen.clear()
@@ -672,6 +676,22 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
         sf.train_teacher(c)
     assert [it for it, _ in seen] == [3, 4, 5]
     assert sf.load(str(tmp_path / "teacher.pt"), c, "teacher")["step"] == 6
+
+
+def test_an_interrupted_and_resumed_stage_equals_an_uninterrupted_one(tmp_path):
+    """The checkpoint keeps the random state: after a resume the batches and noise continue where they
+    stopped instead of replaying the first steps' (every stage starts from torch.manual_seed(seed))."""
+    finals = []
+    for name, stops in (("whole", (6,)), ("resumed", (3, 6))):
+        c = cfg(out=str(tmp_path / name), ckpt_every=3)
+        os.makedirs(c.out)
+        for n in stops:
+            torch.manual_seed(c.seed)  # as run_stage does
+            c.teacher_iters = n
+            sf.train_teacher(c)
+        finals.append(torch.load(tmp_path / name / "teacher.pt", weights_only=True))
+    for k in ("model", "ema"):
+        assert all(torch.equal(finals[0][k][p], finals[1][k][p]) for p in finals[0][k])
 
 
 def test_a_later_stage_refuses_an_unfinished_checkpoint(tmp_path):
