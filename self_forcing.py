@@ -845,10 +845,9 @@ def distill(c, context):
         """The generator's videos for the DMD loss (grad enabled only where the method allows)."""
         y = torch.randint(0, gen.n_classes, (B,), device=c.device)
         if context == "self":  # Alg. 1: its own rollout, one exit step shared by all chunks
-            s = int(torch.randint(c.few_steps, ()))
-            # exit_step=last exits where inference does (s is drawn anyway: the same random stream). Every
-            # step still runs; only the last is trained. No collapse in 12 draws here (README, Session 9).
-            s = c.few_steps - 1 if c.exit_step == "last" else s
+            s = int(torch.randint(c.few_steps, ()))  # drawn in both modes: the same random stream
+            if c.exit_step == "last":  # exit where inference does: every step runs, only the last is trained
+                s = c.few_steps - 1  # (no collapse in 12 draws here, README Session 9)
             # Sec. 3.4: a rollout longer than the teacher's window rolls its cache as inference does, and
             # only its last `frames` frames are judged (and get gradient). `restrict`: the last chunk
             # cannot see the first, as a chunk far past the training length cannot.

@@ -605,6 +605,7 @@ def test_exit_step_random_draws_every_step_and_last_always_the_last(run_dir, tmp
     rest of training (and its random stream) unchanged."""
     copy_checkpoints(run_dir, tmp_path, "teacher", "ode")
     seen, orig = [], sf.rollout
+
     def spy(*a, exit_step=None, **k):
         seen.append(exit_step)
         return orig(*a, exit_step=exit_step, **k)
