@@ -101,7 +101,7 @@ class Config:
     lr_critic: float = 1e-4  # DMD critic lr
     real_cfg: float = 1.5  # CFG of DMD's real score, the teacher (u + real_cfg (c - u)); 3 costs SF its frames
     kv_grad: str = "detach"  # gradient through the KV cache in SF: detach | st (official straight-through)
-    exit_step: str = "random"  # SF's exit step: random s ~ U{0..K-1} (Alg. 1) | last (K-1: no collapse seen)
+    exit_step: str = "last"  # SF's trained exit step: last (K-1; README Sessions 9-10) | random (Alg. 1: collapses)
     watch: int = 0  # distill: every `watch` updates, score the EMA generator at `long`x (0 = off)
     train_frames: int = 0  # SF training rollout length; > frames: the cache rolls, DMD judges the last frames
     restrict: bool = False  # SF training: the last chunk cannot attend to the first (paper Sec. 3.4)
@@ -846,8 +846,8 @@ def distill(c, context):
         y = torch.randint(0, gen.n_classes, (B,), device=c.device)
         if context == "self":  # Alg. 1: its own rollout, one exit step shared by all chunks
             s = int(torch.randint(c.few_steps, ()))  # drawn in both modes: the same random stream
-            if c.exit_step == "last":  # exit where inference does: every step runs, only the last is trained
-                s = c.few_steps - 1  # (no collapse in 12 draws here, README Session 9)
+            if c.exit_step == "last":  # exit where inference does: every step runs, only the last is trained.
+                s = c.few_steps - 1  # Alg. 1's random s collapsed 1 run in 4 on this toy, `last` none (README)
             # Sec. 3.4: a rollout longer than the teacher's window rolls its cache as inference does, and
             # only its last `frames` frames are judged (and get gradient). `restrict`: the last chunk
             # cannot see the first, as a chunk far past the training length cannot.
