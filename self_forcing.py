@@ -38,7 +38,8 @@ DiT instead of Wan2.1-1.3B; the teacher (real score) and critic are the same siz
 (the paper's real score is the 14B model); labels instead of text prompts; Euler instead of UniPC for
 the many-step baselines; DMD only (no SiD or GAN variants); the ODE init regresses onto the TF model's
 chunk-by-chunk ODE, not the bidirectional teacher's (section 7 says why; `--ode_teacher=bidir` is the paper's);
-DMD's real score is guided at 1.5, not the official 3 (`real_cfg`: our teacher is tiny; README measures).
+DMD's real score is guided at 1.5, not the official 3 (`real_cfg`: our teacher is tiny; README measures);
+Self Forcing trains the last exit step, not a random one (`exit_step`: the random one collapses here).
 """
 import argparse
 import copy
