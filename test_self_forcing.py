@@ -496,6 +496,23 @@ def test_demo_stage_equals_the_same_stage_run_alone(run_dir, tmp_path):
         assert all(torch.equal(alone[net][k], demo[net][k]) for k in demo[net]), net
 
 
+def test_eval_scores_the_videos_of_its_seeded_noise_whatever_ran_before(run_dir, tmp_path, monkeypatch):
+    """Every method is scored on the same seeded noise: the 1x videos eval scores are exactly those a plain
+    generate_all from eval_noise makes, whatever used the random stream before (its timing warm-up too)."""
+    copy_checkpoints(run_dir, tmp_path, "ode")
+    c = cfg(out=str(tmp_path))
+    scored, orig = [], toy_data.score
+    monkeypatch.setattr(toy_data, "score", lambda v, *a, **k: (scored.append(v.copy()), orig(v, *a, **k))[1])
+    torch.manual_seed(123)
+    torch.randn(7)
+    sf.evaluate(c)
+    L = c.frames * c.long
+    _, y, _ = sf.eval_set(c, L)
+    model = sf.build(c, torch.load(tmp_path / "ode.pt", weights_only=True)["ema"]).eval()
+    ref = sf.generate_all(model, "few", y, c.frames, c, sf.eval_noise(c, L)).numpy()
+    assert any(v.shape == ref.shape and np.array_equal(v, ref) for v in scored)
+
+
 def test_long_view_and_bench_stages(run_dir, tmp_path):
     copy_checkpoints(run_dir, tmp_path, "teacher", "ode", "tf", "sf")
     args = ["--preset", "test", f"--out={tmp_path}", "--device=cpu"]
