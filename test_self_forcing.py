@@ -513,6 +513,24 @@ def test_eval_scores_the_videos_of_its_seeded_noise_whatever_ran_before(run_dir,
     assert any(v.shape == ref.shape and np.array_equal(v, ref) for v in scored)
 
 
+def test_teacher_check_reports_what_eval_will_and_warns_on_broken_frames(run_dir, tmp_path, monkeypatch, capsys):
+    """The teacher stage scores its teacher at once: the same numbers eval prints for it later (same labels,
+    same noise), and a warning when most frames are broken (the test preset's 6-step teacher), none for
+    real clips."""
+    copy_checkpoints(run_dir, tmp_path, "teacher")
+    c = cfg(out=str(tmp_path))
+    teacher = sf.build(c, torch.load(tmp_path / "teacher.pt", weights_only=True)["ema"]).eval()
+    s = sf.check_teacher(c, teacher)
+    assert "warning" in capsys.readouterr().out and s["valid"] < 0.6
+    e = sf.evaluate(c)["teacher"]["1x"]["all"]
+    assert s["fidelity_err"] == e["fidelity_err"] and s["valid"] == e["valid"] and s["quality"] == e["quality"]
+    real, _, _ = sf.eval_set(c, c.frames * c.long)
+    monkeypatch.setattr(sf, "generate_all", lambda m, kind, y, n, *a, **k: torch.from_numpy(real["videos"][:, :n]))
+    capsys.readouterr()
+    s = sf.check_teacher(c, teacher)
+    assert s["valid"] > 0.95 and "warning" not in capsys.readouterr().out
+
+
 def test_long_view_and_bench_stages(run_dir, tmp_path):
     copy_checkpoints(run_dir, tmp_path, "teacher", "ode", "tf", "sf")
     args = ["--preset", "test", f"--out={tmp_path}", "--device=cpu"]
