@@ -582,11 +582,7 @@ def check_teacher(c, teacher):
     """DMD is no better than its real score, so score the teacher at once, on eval's labels and noise (the
     numbers eval will print), and warn when most of its frames are broken: on `gpu` seed 2 a teacher with
     37% valid frames took all three DMD students down with it (README)."""
-    L = c.frames * c.long
-    real, y, v_real = eval_set(c, L)
-    vids = generate_all(teacher, "teacher", y, c.frames, c, eval_noise(c, L)).cpu().numpy()
-    s = toy_data.score(vids, real["labels"], v_real, c.frames, c.n_objects, c.radius, chunk=c.chunk,
-                       gravity=c.gravity)["all"]
+    s = score_now(c, teacher, "teacher", c.frames)["all"]
     print(f"[teacher] {c.n_eval} samples: quality {s['quality']:.3f}, valid frames {s['valid']:.2f}, "
           f"speed ratio {s['speed_ratio']:.2f} (real data: valid 1.00, speed ratio 1.00)")
     if s["valid"] < 0.6:
@@ -884,11 +880,7 @@ def distill(c, context):
     def watch(it):
         """The EMA generator after `it` updates (0: the ODE init) on the evaluation set, with the training
         RNG left untouched. DMD's generator and critic can chase each other; this is how to see it."""
-        L = c.frames * c.long
-        real, y, v_real = eval_set(c, L)
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if c.device.startswith("cuda") else []):
-            v = generate_all(ema, "few", y, L, c, eval_noise(c, L)).cpu().numpy()
-        s = toy_data.score(v, real["labels"], v_real, c.frames, c.n_objects, c.radius, n_boot=1, gravity=c.gravity)
+        s = score_now(c, ema, "few", c.frames * c.long, n_boot=1)
         tqdm.write(f"[watch] update {it}: valid {s['all']['valid']:.3f}, quality at {c.long}x "
                    f"{s['segments'][-1]['quality']:.3f}, speed ratio {s['all']['speed_ratio']:.2f}")
 
@@ -966,6 +958,17 @@ def generate_all(model, kind, y, n_frames, c, noise, context=None, sink=None):
     return torch.cat([generate(model, kind, y[i:i + 256], n_frames, c, noise=noise[i:i + 256, :n_frames],
                                context=None if context is None else context[i:i + 256], sink=sink)
                       for i in range(0, len(y), 256)]).clamp(-1, 1)
+
+
+def score_now(c, model, kind, n_frames, n_boot=100):
+    """One model on the evaluation set, on eval's labels and noise (the numbers eval will print for it),
+    the random stream left as it was (training goes on bit-identically). -> toy_data.score's dict."""
+    L = c.frames * c.long
+    real, y, v_real = eval_set(c, L)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if c.device.startswith("cuda") else []):
+        v = generate_all(model, kind, y, n_frames, c, eval_noise(c, L)).cpu().numpy()
+    return toy_data.score(v, real["labels"], v_real, c.frames, c.n_objects, c.radius, n_boot=n_boot,
+                          chunk=c.chunk, gravity=c.gravity)
 
 
 def evaluate(c):
