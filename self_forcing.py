@@ -140,37 +140,32 @@ class UserError(Exception):
 
 
 def check_config(c):
-    """Bad values end the run with one clear line (see main)."""
-    if c.size % c.patch:
-        raise UserError(f"size={c.size} is not a multiple of patch={c.patch}")
-    if c.width % c.heads or (c.width // c.heads) % 2:
-        raise UserError(f"width={c.width} must split into {c.heads} heads of even width")
-    if c.frames % c.chunk:
-        raise UserError(f"frames={c.frames} is not a multiple of chunk={c.chunk}")
-    if c.euler_steps % c.few_steps:
-        raise UserError(f"euler_steps={c.euler_steps} must be a multiple of few_steps={c.few_steps}")
-    if c.n_objects not in (1, 2, 3):
-        raise UserError("n_objects must be 1, 2 or 3 (one object per colour channel)")
-    if c.ode_teacher not in ("bidir", "tf"):
-        raise UserError(f"ode_teacher={c.ode_teacher!r}: choose bidir or tf")
-    if c.kv_grad not in ("detach", "st"):
-        raise UserError(f"kv_grad={c.kv_grad!r}: choose detach or st")
-    if c.exit_step not in ("random", "last"):
-        raise UserError(f"exit_step={c.exit_step!r}: choose random or last")
-    if c.train_frames and (c.train_frames < c.frames or c.train_frames % c.chunk):
-        raise UserError(f"train_frames={c.train_frames} must be >= frames={c.frames} and a multiple of chunk")
-    if c.restrict and c.frames < 2 * c.chunk:
-        raise UserError("restrict needs at least two chunks per clip")
-    w = c.window or c.frames
-    if w < c.chunk + c.sink:
-        raise UserError(f"window={w} must hold a chunk ({c.chunk}) plus the sink ({c.sink})")
-    for f in ("batch", "teacher_iters", "n_eval", "long", "n_train", "width", "depth", "critic_ratio"):
+    """Bad values end the run with one clear line (see main): each rule is (broken?, what to say)."""
+    for f in ("size", "patch", "width", "depth", "heads", "frames", "chunk", "few_steps", "euler_steps",
+              "batch", "teacher_iters", "critic_ratio", "n_train", "n_eval", "long"):
         if getattr(c, f) < 1:
             raise UserError(f"{f}={getattr(c, f)} must be at least 1")
-    if not 0 < c.speed_min <= c.speed_max:
-        raise UserError("need 0 < speed_min <= speed_max")
-    if c.gravity < 0:
-        raise UserError(f"gravity={c.gravity} must be >= 0 (y grows downwards: > 0 falls)")
+    w = c.window or c.frames
+    rules = [
+        (c.size % c.patch, f"size={c.size} is not a multiple of patch={c.patch}"),
+        (c.width % c.heads or (c.width // c.heads) % 2, f"width={c.width} must split into {c.heads} heads "
+                                                        "of even width"),
+        (c.frames % c.chunk, f"frames={c.frames} is not a multiple of chunk={c.chunk}"),
+        (c.euler_steps % c.few_steps, f"euler_steps={c.euler_steps} must be a multiple of few_steps={c.few_steps}"),
+        (c.n_objects not in (1, 2, 3), "n_objects must be 1, 2 or 3 (one object per colour channel)"),
+        (c.ode_teacher not in ("bidir", "tf"), f"ode_teacher={c.ode_teacher!r}: choose bidir or tf"),
+        (c.kv_grad not in ("detach", "st"), f"kv_grad={c.kv_grad!r}: choose detach or st"),
+        (c.exit_step not in ("random", "last"), f"exit_step={c.exit_step!r}: choose random or last"),
+        (c.train_frames and (c.train_frames < c.frames or c.train_frames % c.chunk),
+         f"train_frames={c.train_frames} must be >= frames={c.frames} and a multiple of chunk"),
+        (c.restrict and c.frames < 2 * c.chunk, "restrict needs at least two chunks per clip"),
+        (w < c.chunk + c.sink, f"window={w} must hold a chunk ({c.chunk}) plus the sink ({c.sink})"),
+        (not 0 < c.speed_min <= c.speed_max, "need 0 < speed_min <= speed_max"),
+        (c.gravity < 0, f"gravity={c.gravity} must be >= 0 (y grows downwards: > 0 falls)"),
+    ]
+    for broken, message in rules:
+        if broken:
+            raise UserError(message)
 
 
 # ####################################################################################################
@@ -978,8 +973,8 @@ def evaluate(c):
     ctx = torch.from_numpy(real["videos"]).to(c.device)
     sc = lambda v, n, ctx=None: toy_data.score(v[:, :n], real["labels"], v_real, c.frames, c.n_objects,  # noqa
                                                c.radius, context=ctx, chunk=c.chunk, gravity=c.gravity)
-    results, gifs = {"real": {"1x": sc(real["videos"], c.frames), "long": sc(real["videos"], L)}}, {}
-    gifs["real"] = toy_data.to_uint8(real["videos"][:1])[0]
+    results = {"real": {"1x": sc(real["videos"], c.frames), "long": sc(real["videos"], L)}}
+    gifs = {"real": real["videos"][0]}  # one sample per method, side by side
     for name, label, kind in METHODS:
         path = os.path.join(c.out, name + ".pt")
         if not os.path.exists(path):  # methods not trained yet are left out
@@ -997,7 +992,7 @@ def evaluate(c):
             r["ms_per_frame_" + tag] = 1000 * (time.time() - t0) / (c.n_eval * n)  # batched wall-clock
             r[tag] = sc(vids.cpu().numpy(), n)
             if tag == "long" or kind == "teacher":
-                gifs[name] = toy_data.to_uint8(vids[:1].cpu().numpy())[0]
+                gifs[name] = vids[0].cpu().numpy()
         if kind != "teacher":  # the exposure gap: the same model, each chunk made from REAL earlier frames
             vids = generate_all(model, kind, y, L, c, noise, context=ctx)
             r["real_ctx"] = sc(vids.cpu().numpy(), L, real["videos"])  # motion judged vs real past
@@ -1005,24 +1000,25 @@ def evaluate(c):
         results[name] = r
         print(f"[eval] {label}: quality 1x {r['1x']['all']['quality']:.3f}"
               + (f", {c.long}x {r['long']['all']['quality']:.3f}" if "long" in r else ""))
-    write_results(c, results, gifs)
+    table = (f"Device {c.device}, n_eval={c.n_eval}, {c.frames} frames (1x), {L} ({c.long}x), chunk={c.chunk}. "
+             "Quality = valid x physics x speed score (1 is real data); [95% CI]. Exposure gap = quality with "
+             f"REAL context - quality with its OWN context ({c.long}x): what exposure bias costs.\n\n"
+             + toy_data.results_table(results, c.long))
+    write_results(c, "eval", "results", "compare.gif", table, results, gifs)
     return results
 
 
-def write_results(c, results, gifs):
-    with open(os.path.join(c.out, "results.json"), "w") as f:
+def write_results(c, tag, stem, gif, table, results, videos):
+    """<stem>.md (the table, also printed), <stem>.json (every number), <gif>: videos {name: (F, C, H, W)}
+    side by side."""
+    with open(os.path.join(c.out, stem + ".json"), "w") as f:
         json.dump(results, f, indent=1, default=float)  # numpy scalars as floats
-    table = (f"Device {c.device}, n_eval={c.n_eval}, {c.frames} frames (1x), {c.frames * c.long} ({c.long}x), "
-             f"chunk={c.chunk}. Quality = valid x physics x speed score (1 is real data); [95% CI]. Exposure gap = "
-             f"quality with REAL context - quality with its OWN context ({c.long}x): what exposure bias costs.\n\n"
-             + toy_data.results_table(results, c.long))
-    with open(os.path.join(c.out, "results.md"), "w") as f:
+    with open(os.path.join(c.out, stem + ".md"), "w") as f:
         f.write(table + "\n")
     print(table)
-    names = list(gifs)
-    toy_data.write_gif(os.path.join(c.out, "compare.gif"), [gifs[n] for n in names],
-                       [n.replace("_", "+") for n in names])
-    print(f"[eval] wrote {c.out}/results.md, results.json, compare.gif")
+    toy_data.write_gif(os.path.join(c.out, gif), [toy_data.to_uint8(v[None])[0] for v in videos.values()],
+                       [n.split(" (")[0].replace("_", "+") for n in videos])
+    print(f"[{tag}] wrote {c.out}/{stem}.md, {stem}.json, {gif}")
 
 
 # The long view (Sec. 3.4): own-context rollouts to 16x the training length with a cache of fixed size
@@ -1061,14 +1057,7 @@ def evaluate_long(c, mult=16, at=(1, 4, 8, 16)):
     table = (f"Device {c.device}, n_eval={c.n_eval}, rollouts of {L} frames ({mult}x {c.frames}), chunk={c.chunk}, "
              f"cache window {c.window or c.frames} frames. Quality of the segment of {c.frames} frames ending "
              f"at Nx [95% CI]; drift = last segment - first.\n\n" + toy_data.long_table(results, at, mult))
-    print(table)
-    with open(os.path.join(c.out, "results_long.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(c.out, "results_long.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
-    toy_data.write_gif(os.path.join(c.out, "long.gif"), [toy_data.to_uint8(v[None])[0] for v in gifs.values()],
-                       [n.split(" (")[0].replace("_", "+") for n in gifs])
-    print(f"[long] wrote {c.out}/results_long.md, results_long.json, long.gif")
+    write_results(c, "long", "results_long", "long.gif", table, results, gifs)
     return results
 
 

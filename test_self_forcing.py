@@ -761,6 +761,7 @@ def test_sample_stage_writes_npz_and_gif(run_dir):
     (["--widht=3"], "unrecognized"),
     (["--width=abc"], "invalid int"),
     (["--frames=5"], "multiple of chunk"),
+    (["--chunk=0"], "chunk=0 must be at least 1"),  # checked before anything divides by it
     (["--window=1"], "window"),
     (["--kv_grad=maybe"], "kv_grad"),
     (["--exit_step=first"], "exit_step"),
