@@ -330,11 +330,16 @@ class DiT(nn.Module):
 
     def forward(self, x, sigma, y, pos=None, mask=None, cache=None):
         """x (B, F, C, H, W); sigma (B, F) noise level per frame; y (B,) labels (n_classes = none);
-        pos (F,) frame index of each frame (default 0..F-1; the AR rollout passes absolute indices);
+        pos: frame index of each frame, a range (default range(F); the AR rollout passes absolute indices)
+        or a tensor (F,) (teacher forcing: two halves at the same positions);
         mask (F, Fk) frame-level bool or None (= full attention, or the cache's content). -> v like x."""
         B, F, C, H, W = x.shape
         p, n = self.p, H // self.p
-        pos = torch.arange(F, device=x.device) if pos is None else pos
+        pos = range(F) if pos is None else pos
+        if cache is not None:
+            cache.begin(pos)  # decide once which cached frames stay (overwrite / rolling window)
+        if isinstance(pos, range):  # made on the device, not copied there: a copy would wait for the GPU
+            pos = torch.arange(pos.start, pos.stop, device=x.device)
         # patchify: every frame becomes N = n*n tokens of C*p*p pixels
         tok = x.reshape(B, F, C, n, p, n, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, F, n * n, C * p * p)
         h = self.embed(tok) + self.pos  # (B, F, N, D)
@@ -343,8 +348,6 @@ class DiT(nn.Module):
         # conditioning per FRAME: its own noise level (DF and the rollout mix levels) + the clip's label
         c = self.t_mlp(torch.cat([te.sin(), te.cos()], -1)) + self.y_emb(y)[:, None]  # (B, F, D)
         cs = rope(pos.repeat_interleave(self.N), self.hd)  # (F*N, hd/2): every token of a frame shares it
-        if cache is not None:
-            cache.begin(pos)  # decide once which cached frames stay (overwrite / rolling window)
         tmask = None if mask is None else frames_to_tokens(mask, self.N)
         for blk in self.blocks:
             h = blk(h, c, cs, tmask, cache)
@@ -378,6 +381,7 @@ class KVCache:
       - re-running a chunk (the next denoising step, the cache refresh) REPLACES that chunk's slots;
       - a new chunk is appended; if the cache would exceed `window` frames, the oldest frames are evicted,
         except the first `sink` frames, which are kept forever.
+    The bookkeeping is on Python ints, so a rollout never waits for the GPU to say what to keep.
     `straight_through` (kv_grad=st, the official code's behaviour): the values written by a re-run are
     the new (clean) ones, but the gradient flows into the keys/values they replace (the exit step's):
     k = k_clean.detach() + k_exit - k_exit.detach()."""
@@ -385,33 +389,31 @@ class KVCache:
     def __init__(self, depth, n_tokens, window, sink=0):
         self.k, self.v = [None] * depth, [None] * depth
         self.N, self.window, self.sink = n_tokens, window, sink
-        self.frames = torch.empty(0, dtype=torch.long)  # absolute frame index of every cached frame
+        self.frames = []  # absolute frame index of every cached frame, in slot order
         self.straight_through = False
 
     def begin(self, pos):
-        # Bookkeeping is per FRAME and shared by all layers; update() applies it to each layer's tensors.
-        pos = pos.cpu()
-        old = self.frames
-        keep = old < pos[0]  # a re-run drops the chunk's own old slots: overwrite, not append
-        self.redo = torch.isin(old, pos)  # the slots being replaced (for the straight-through path)
-        over = int(keep.sum()) + len(pos) - self.window
+        # Per FRAME and shared by all layers; update() applies it to each layer's tensors.
+        new, old = [int(f) for f in pos], self.frames
+        keep = [f for f in old if f < new[0]]  # a re-run drops the chunk's own old slots: overwrite
+        over = len(keep) + len(new) - self.window
         if over > 0:  # rolling: evict the oldest non-sink frames
-            evict = (keep & (old >= self.sink)).nonzero()[:over, 0]
-            keep[evict] = False
-        self.keep = keep
-        self.frames = torch.cat([old[keep], pos])
+            keep = [f for f in keep if f < self.sink] + [f for f in keep if f >= self.sink][over:]
+        self.keep = [old.index(f) for f in keep]  # slots that stay
+        self.redo = [i for i, f in enumerate(old) if f in new]  # slots being replaced (straight-through)
+        self.frames = keep + new
 
     def update(self, layer, k, v):
         """Store this call's k, v (B, nh, L, hd); return everything the new queries attend to."""
         if self.k[layer] is not None:
-            tok = lambda m: m.repeat_interleave(self.N).to(k.device)  # noqa: E731  frame -> token mask
+            slots = lambda t, idx: [t[:, :, i * self.N:(i + 1) * self.N] for i in idx]  # noqa: E731  tokens
             k_old, v_old = self.k[layer], self.v[layer]
             with torch.set_grad_enabled(torch.is_grad_enabled() or self.straight_through):
-                if self.straight_through and self.redo.any():  # the refresh runs under no_grad...
-                    ke, ve = k_old[:, :, tok(self.redo)], v_old[:, :, tok(self.redo)]
+                if self.straight_through and self.redo:  # the refresh runs under no_grad...
+                    ke, ve = torch.cat(slots(k_old, self.redo), 2), torch.cat(slots(v_old, self.redo), 2)
                     k, v = k.detach() + ke - ke.detach(), v.detach() + ve - ve.detach()  # ...grad via exit K/V
-                k = torch.cat([k_old[:, :, tok(self.keep)], k], 2)
-                v = torch.cat([v_old[:, :, tok(self.keep)], v], 2)
+                k = torch.cat(slots(k_old, self.keep) + [k], 2)
+                v = torch.cat(slots(v_old, self.keep) + [v], 2)
         self.k[layer], self.v[layer] = k, v
         return k, v
 
@@ -746,7 +748,7 @@ def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None,
     cache = KVCache(len(model.blocks), model.N, w, c.sink if sink is None else sink)
     out = []
     for f0 in range(0, n_frames, ch):  # Alg. 1 line 3: for each chunk i = 1..N
-        pos = torch.arange(f0, f0 + ch, device=c.device)  # ABSOLUTE frame indices (RoPE, cache slots)
+        pos = range(f0, f0 + ch)  # ABSOLUTE frame indices (RoPE, cache slots)
         # Alg. 1 line 4: the chunk starts from pure Gaussian noise
         x = (torch.randn(B, ch, 3, c.size, c.size, device=c.device) if noise is None
              else noise[:, f0:f0 + ch])
@@ -766,7 +768,7 @@ def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None,
                 eps = torch.randn_like(x) if fresh_noise else (x - (1 - sigmas[k]) * x0_hat) / sigmas[k]
                 x = ((1 - sigmas[k + 1]) * x0_hat + sigmas[k + 1] * eps).detach()
         if stats is not None:
-            stats.setdefault("seen", []).append(cache.frames.tolist())  # what this chunk attended to
+            stats.setdefault("seen", []).append(list(cache.frames))  # what this chunk attended to
         out.append(x0_hat)  # Alg. 1 line 13: the chunk's output (with grad at the exit step)
         # Alg. 1 line 14: write the chunk's keys/values computed from its CLEAN output (sigma = 0).
         # Later chunks attend to these, exactly as at inference: this is what makes the context the

@@ -127,7 +127,7 @@ def test_cached_forward_equals_block_causal_forward(chunk):
         cache = sf.KVCache(c.depth, m.N, window=6)
         for f0 in range(0, 6, chunk):
             sl = slice(f0, f0 + chunk)
-            out = m(x[:, sl], sigma[:, sl], y, pos=torch.arange(f0, f0 + chunk), cache=cache)
+            out = m(x[:, sl], sigma[:, sl], y, pos=range(f0, f0 + chunk), cache=cache)
             assert (out - ref[:, sl]).abs().max() < 1e-5
     assert ref.abs().mean() > 0.1  # a real signal, not two zeros
 
@@ -157,11 +157,11 @@ def test_rolling_cache_equals_windowed_attention(window, sink, chunk):
         cache = sf.KVCache(c.depth, m.N, window, sink)
         for f0 in range(0, 10, chunk):
             sl = slice(f0, f0 + chunk)
-            out = m(x[:, sl], sigma[:, sl], y, pos=torch.arange(f0, f0 + chunk), cache=cache)
+            out = m(x[:, sl], sigma[:, sl], y, pos=range(f0, f0 + chunk), cache=cache)
             assert (out - ref[:, sl]).abs().max() < 1e-5
             assert len(cache.frames) <= window and cache.k[0].shape[2] <= window * m.N
-            assert cache.frames[:min(sink, f0 + chunk)].tolist() == list(range(min(sink, f0 + chunk)))
-        assert cache.frames.tolist() == list(range(sink)) + list(range(10 - (window - sink), 10))
+            assert cache.frames[:min(sink, f0 + chunk)] == list(range(min(sink, f0 + chunk)))
+        assert cache.frames == list(range(sink)) + list(range(10 - (window - sink), 10))
 
 
 def test_rope_relative_and_cache_positions_continue():
@@ -174,10 +174,10 @@ def test_rope_relative_and_cache_positions_continue():
         assert (a - b).abs().max() < 1e-4  # only relative frame offsets matter
         # the pitfall: restarting positions at 0 for every cached chunk gives a different (wrong) result
         cache = sf.KVCache(c.depth, m.N, 4)
-        m(x[:, :2], sigma[:, :2], y, pos=torch.arange(2), cache=cache)
-        wrong = m(x[:, 2:], sigma[:, 2:], y, pos=torch.arange(2), cache=cache)
+        m(x[:, :2], sigma[:, :2], y, pos=range(2), cache=cache)
+        wrong = m(x[:, 2:], sigma[:, 2:], y, pos=range(2), cache=cache)
         assert (wrong - a[:, 2:]).abs().max() > 1e-3
-        assert cache.frames.tolist() == [0, 1]  # and that re-used slot 0-1 (overwrite, not append)
+        assert cache.frames == [0, 1]  # and that re-used slot 0-1 (overwrite, not append)
 
 
 def test_rerunning_a_chunk_overwrites_its_slots():
@@ -186,11 +186,11 @@ def test_rerunning_a_chunk_overwrites_its_slots():
     x, sigma, y = inputs(c)
     with torch.no_grad():
         cache = sf.KVCache(c.depth, m.N, 4)
-        m(x[:, :2], sigma[:, :2], y, pos=torch.arange(2), cache=cache)
-        m(x[:, :2] * 0.5, sigma[:, :2], y, pos=torch.arange(2), cache=cache)  # e.g. next denoising step
-        m(x[:, :2], sigma[:, :2], y, pos=torch.arange(2), cache=cache)  # the refresh
+        m(x[:, :2], sigma[:, :2], y, pos=range(2), cache=cache)
+        m(x[:, :2] * 0.5, sigma[:, :2], y, pos=range(2), cache=cache)  # e.g. next denoising step
+        m(x[:, :2], sigma[:, :2], y, pos=range(2), cache=cache)  # the refresh
         assert cache.k[0].shape[2] == 2 * m.N
-        out = m(x[:, 2:], sigma[:, 2:], y, pos=torch.arange(2, 4), cache=cache)
+        out = m(x[:, 2:], sigma[:, 2:], y, pos=range(2, 4), cache=cache)
         ref = m(x, sigma, y, mask=sf.block_causal_mask(4, 2))[:, 2:]
         assert (out - ref).abs().max() < 1e-5
 
