@@ -407,7 +407,7 @@ class KVCache:
     def update(self, layer, k, v):
         """Store this call's k, v (B, nh, L, hd); return everything the new queries attend to."""
         if self.k[layer] is not None:
-            slots = lambda t, idx: [t[:, :, i * self.N:(i + 1) * self.N] for i in idx]  # noqa: E731  tokens
+            slots = lambda t, idx: [t[:, :, i * self.N:(i + 1) * self.N] for i in idx]  # noqa: E731  slot i's N tokens
             k_old, v_old = self.k[layer], self.v[layer]
             with torch.set_grad_enabled(torch.is_grad_enabled() or self.straight_through):
                 if self.straight_through and self.redo:  # the refresh runs under no_grad...
