@@ -465,7 +465,7 @@ def autocast(c):
 
 
 def train(c, name, nets, step_fn, iters, ema_decay=None):
-    """Generic loop: nets = {"model": m, ...} trained by step_fn(it) -> dict of losses (it does its own
+    """Generic loop: nets = {"model": m, ...} trained by step_fn(it) -> dict of loss tensors (it does its own
     optimizer steps). EMA of nets["model"] into nets["ema"]. Resumes from runs/.../name.pt if unfinished;
     a finished stage is reused. A NaN/Inf loss stops with the last good checkpoint kept."""
     # A stage is a checkpoint file: its step counter says whether it is finished (reuse it), unfinished
@@ -494,20 +494,24 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
                     **{k: m.state_dict() for k, m in nets.items()}})
 
     t0, bar = time.time(), tqdm(range(start, iters), desc=name, dynamic_ncols=True, mininterval=1)
-    avg = {}
+    avg, shown, t_read = {}, {}, t0
     for it in bar:
-        losses = step_fn(it)
-        for k, v in losses.items():
-            if not math.isfinite(v):
-                raise UserError(f"[{name}] {k} is {v} at step {it}: stopped; last good checkpoint kept in {path}")
-            avg[k] = v if k not in avg else 0.98 * avg[k] + 0.02 * v
+        losses = step_fn(it)  # tensors: reading one (.item()) makes the CPU wait for the GPU to catch up
+        for k, v in losses.items():  # so they are averaged where they are, and read about once a second
+            avg[k] = v.detach() if k not in avg else 0.98 * avg[k] + 0.02 * v.detach()  # a NaN stays in
         if ema_decay is not None:
             ema_update(nets["ema"], nets["model"], ema_decay, it)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in avg.items()}, refresh=False)
-        if (it + 1) % c.ckpt_every == 0 or it + 1 == iters:
+        save_now = (it + 1) % c.ckpt_every == 0 or it + 1 == iters
+        if save_now or time.time() > t_read + 1:  # always before a checkpoint: a NaN never gets saved
+            shown, t_read = {k: v.item() for k, v in avg.items()}, time.time()
+            for k, v in shown.items():
+                if not math.isfinite(v):
+                    raise UserError(f"[{name}] {k} is {v} by step {it}: stopped; last good checkpoint kept in {path}")
+            bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
+        if save_now:
             checkpoint(it + 1)
     print(f"[{name}] done: {iters - start} steps in {time.time() - t0:.0f}s, "
-          + ", ".join(f"{k} {v:.4f}" for k, v in avg.items()))
+          + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
 
 def optimize(opt, loss, model, clip):
@@ -570,7 +574,7 @@ def train_teacher(c):
         with autocast(c):
             loss = flow_matching_loss(model, x0, drop_labels(y, c.p_uncond, model.n_classes), sigma)
         optimize(opt, loss, model, c.clip)
-        return {"loss": loss.item()}
+        return {"loss": loss}
 
     train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, step, c.teacher_iters, c.ema)
     check_teacher(c, build(c, load(os.path.join(c.out, "teacher.pt"), c, "teacher")["ema"]).eval())
@@ -689,7 +693,7 @@ def train_ode(c):
         x0_hat = x_t - sigma[..., None, None, None] * v.float()
         loss = Fn.mse_loss(x0_hat, x0s[i])
         optimize(opt, loss, model, c.clip)
-        return {"loss": loss.item()}
+        return {"loss": loss}
 
     train(c, "ode", {"model": model, "ema": ema, "opt": opt}, step, c.ode_iters, c.ema)
 
@@ -715,7 +719,7 @@ def train_diffusion(c, context):
             v = causal_forward(model, add_noise(x0, sigma, eps), sigma, y, c, context, x_clean=x0)
         loss = Fn.mse_loss(v.float(), eps - x0)
         optimize(opt, loss, model, c.clip)
-        return {"loss": loss.item()}
+        return {"loss": loss}
 
     train(c, context, {"model": model, "ema": ema, "opt": opt}, step, c.diffusion_iters, c.ema)
 
@@ -902,7 +906,7 @@ def distill(c, context):
         x, y = generate_train(c.batch)
         lg = dmd_loss(x, y, teacher, critic, c)
         optimize(opt_g, lg, gen, c.clip)
-        return {"dmd": lg.item(), "critic": lc.item()}
+        return {"dmd": lg, "critic": lc}
 
     train(c, distilled_name(c, context),
           {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c},
