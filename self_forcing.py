@@ -498,7 +498,8 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
     for it in bar:
         losses = step_fn(it)  # tensors: reading one (.item()) makes the CPU wait for the GPU to catch up
         for k, v in losses.items():  # so they are averaged where they are, and read about once a second
-            avg[k] = v.detach() if k not in avg else 0.98 * avg[k] + 0.02 * v.detach()  # a NaN stays in
+            v = v.detach()
+            avg[k] = v if k not in avg else 0.98 * avg[k] + 0.02 * v  # a NaN, once in, stays in
         if ema_decay is not None:
             ema_update(nets["ema"], nets["model"], ema_decay, it)
         save_now = (it + 1) % c.ckpt_every == 0 or it + 1 == iters
