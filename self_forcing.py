@@ -39,7 +39,8 @@ DiT instead of Wan2.1-1.3B; the teacher (real score) and critic are the same siz
 the many-step baselines; DMD only (no SiD or GAN variants); the ODE init regresses onto the TF model's
 chunk-by-chunk ODE, not the bidirectional teacher's (section 7 says why; `--ode_teacher=bidir` is the paper's);
 DMD's real score is guided at 1.5, not the official 3 (`real_cfg`: our teacher is tiny; README measures);
-Self Forcing trains the last exit step, not a random one (`exit_step`: the random one collapses here).
+Self Forcing trains the last exit step, not a random one (`exit_step`: the random one collapses here);
+RoPE over (frame, row, column) as in Wan on `cpu`, over the frame only on `gpu` (`rope_xy`: README).
 """
 import argparse
 import copy
@@ -80,6 +81,7 @@ class Config:
     width: int = 64  # D, the token width: with depth, the size of the model
     depth: int = 3  # transformer blocks
     heads: int = 4  # attention heads (head width D/heads)
+    rope_xy: bool = False  # RoPE over row and column too (Wan's 3D RoPE): on for cpu; gpu teachers broke (README)
     frames: int = 4  # F_train: frames per training clip (the teacher's window); attention cost ~ frames^2
     chunk: int = 1  # frames per AR chunk: 1 = the paper's frame-wise setting, >1 chunk-wise
     # diffusion (flow matching: x_t = (1 - sigma) x0 + sigma eps, the network predicts v = eps - x0)
@@ -126,14 +128,16 @@ PRESETS = {
     "test": dict(size=8, n_objects=1, radius=1.5, speed_min=0.5, speed_max=1.0, n_train=64, patch=2,
                  width=32, depth=2, heads=2, frames=4, chunk=2, euler_steps=4, batch=8,
                  teacher_iters=6, ode_pairs=16, ode_iters=4, diffusion_iters=4, distill_iters=2,
-                 critic_ratio=2, n_eval=4, long=2, ckpt_every=3),
-    "cpu": dict(),  # the defaults (16x16, 64 tokens per frame, 4-frame clips, frame-wise): a 2-core CPU
-    # gpu: teacher_iters 6000, not 4000: the 4000-step teacher of seed 2 made 37% valid frames (README)
+                 critic_ratio=2, n_eval=4, long=2, ckpt_every=3, rope_xy=True),
+    # cpu: the defaults (16x16, 64 tokens per frame, 4-frame clips, frame-wise) with the 3D RoPE
+    "cpu": dict(rope_xy=True),
+    # gpu: teacher_iters 6000, not 4000: the 4000-step teacher of seed 2 made 37% valid frames (README);
+    # no 3D RoPE: with it both gpu teachers tried made 6-16% valid frames, cause not found (README)
     "gpu": dict(size=32, n_objects=3, radius=3.5, speed_min=1.0, speed_max=2.5, n_train=16000, patch=4,
                 width=128, depth=4, heads=4, frames=8, chunk=2, euler_steps=32, batch=256, teacher_iters=6000,
                 ode_pairs=2048, ode_iters=1000, diffusion_iters=2000, distill_iters=200, lr_gen=1e-5, n_eval=256),
 }
-MODEL_FIELDS = ("size", "patch", "width", "depth", "heads", "gravity")  # what a checkpoint must agree on
+MODEL_FIELDS = ("size", "patch", "width", "depth", "heads", "gravity", "rope_xy")  # what a checkpoint must agree on
 
 
 class UserError(Exception):
@@ -215,12 +219,22 @@ def add_noise(x0, sigma, eps):
 # Positions. Inside a frame, a learned spatial embedding (the frame size never changes). Across frames,
 # rotary embeddings of the frame index: a query at frame i and a key at frame j interact through i - j
 # only, so a model trained on 8 frames can roll out 64 with a sliding cache and never see a new offset.
+# With `rope_xy` (Wan's 3D RoPE) half of the rotated pairs turn with the token's row and column instead:
+# attention then also sees where a key lies RELATIVE to the query inside the frame, which is what
+# following an object from one frame to the next needs (the `cpu` teacher's motion: README, session 15).
 
-def rope(pos, dim, theta=10000.0):
-    """cos, sin (L, dim/2) for token frame positions pos (L,): RoPE over the FRAME index only, so
-    attention depends on relative frame offsets and a rolling cache can run past the training length."""
-    freqs = theta ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
-    ang = pos.float()[:, None] * freqs[None]
+def rope(pos, dim, n, xy=False, theta=10000.0):
+    """cos, sin (F*N, dim/2) for the N = n*n tokens (row-major) of each frame at positions pos (F,).
+    The pairs turn with the frame index; with xy, a quarter of them with the token's row and a quarter
+    with its column instead."""
+    ds = 2 * (dim // 8) if xy else 0  # dims per spatial axis (the frame keeps dim - 2 ds)
+    freqs = lambda d: theta ** (-torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)
+    ang = [(pos.float()[:, None] * freqs(dim - 2 * ds))[:, None].expand(-1, n * n, -1)]  # (F, N, .)
+    if xy:
+        i = torch.arange(n * n, device=pos.device, dtype=torch.float32)
+        for coord in (i // n, i % n):  # row, column of each token
+            ang.append((coord[:, None] * freqs(ds))[None].expand(len(pos), -1, -1))
+    ang = torch.cat(ang, -1).reshape(-1, dim // 2)
     return ang.cos(), ang.sin()
 
 
@@ -311,12 +325,14 @@ class Block(nn.Module):
 
 class DiT(nn.Module):
     """Video DiT: patchify each frame, per-frame (sigma, label) adaLN, spatial position embedding inside
-    the frame, RoPE over the frame index in attention. Predicts the flow v = eps - x0."""
+    the frame, RoPE over the frame index (and with rope_xy the row and column) in attention. Predicts
+    the flow v = eps - x0."""
 
     def __init__(self, c):
         super().__init__()
         D, p = c.width, c.patch
         self.p, self.N, self.hd, self.n_classes = p, (c.size // p) ** 2, D // c.heads, len(toy_data.SHAPES)
+        self.rope_xy = c.rope_xy  # RoPE over row and column too
         self.embed = nn.Linear(3 * p * p, D)
         self.pos = nn.Parameter(torch.randn(self.N, D) * 0.02)  # spatial position inside a frame
         self.t_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
@@ -348,7 +364,7 @@ class DiT(nn.Module):
         te = sigma[..., None] * 1000 * 10000 ** (-half)  # sinusoidal embedding of the noise level
         # conditioning per FRAME: its own noise level (DF and the rollout mix levels) + the clip's label
         c = self.t_mlp(torch.cat([te.sin(), te.cos()], -1)) + self.y_emb(y)[:, None]  # (B, F, D)
-        cs = rope(pos.repeat_interleave(self.N), self.hd)  # (F*N, hd/2): every token of a frame shares it
+        cs = rope(pos, self.hd, n, self.rope_xy)  # (F*N, hd/2)
         tmask = None if mask is None else frames_to_tokens(mask, self.N)
         for blk in self.blocks:
             h = blk(h, c, cs, tmask, cache)

@@ -117,9 +117,9 @@ def test_scoring_against_context():
 # ----------------------------------------------------------------------------------------------------
 # the model: one attention path, cached == masked, no leakage, rolling window, RoPE
 
-@pytest.mark.parametrize("chunk", [1, 2])
-def test_cached_forward_equals_block_causal_forward(chunk):
-    c = cfg(frames=6, chunk=chunk)
+@pytest.mark.parametrize("chunk,xy", [(1, False), (2, False), (2, True)])
+def test_cached_forward_equals_block_causal_forward(chunk, xy):
+    c = cfg(frames=6, chunk=chunk, rope_xy=xy)
     m = random_model(c)
     x, sigma, y = inputs(c)
     with torch.no_grad():
@@ -162,6 +162,29 @@ def test_rolling_cache_equals_windowed_attention(window, sink, chunk):
             assert len(cache.frames) <= window and cache.k[0].shape[2] <= window * m.N
             assert cache.frames[:min(sink, f0 + chunk)] == list(range(min(sink, f0 + chunk)))
         assert cache.frames == list(range(sink)) + list(range(10 - (window - sink), 10))
+
+
+@pytest.mark.parametrize("xy", [False, True])
+def test_rope_scores_depend_on_offsets_only(xy):
+    """RoPE's defining property, checked on every pair of tokens: a rotated query and key score the same
+    whenever their offset is the same (frame offset; with xy, also row and column offset)."""
+    F, n, hd = 3, 4, 16
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, hd, generator=g), torch.randn(1, 1, 1, hd, generator=g)
+    cs = sf.rope(torch.arange(F) + 5, hd, n, xy)
+    L = F * n * n
+    score = (sf.apply_rope(q.expand(1, 1, L, hd), cs)[0, 0] @ sf.apply_rope(k.expand(1, 1, L, hd), cs)[0, 0].T)
+    tok = torch.arange(L)
+    f, r, col = tok // (n * n), tok % (n * n) // n, tok % n
+    off = lambda a: a[:, None] - a[None, :]
+    keys = torch.stack([off(f), off(r) * xy, off(col) * xy], -1).reshape(-1, 3)  # (L*L, 3) offsets
+    groups = {}
+    for key, v in zip(map(tuple, keys.tolist()), score.reshape(-1).tolist()):
+        groups.setdefault(key, []).append(v)
+    assert all(max(v) - min(v) < 1e-4 for v in groups.values())  # same offset, same score
+    assert len(groups) == (2 * F - 1) * ((2 * n - 1) ** 2 if xy else 1)
+    same_frame = [v[0] for key, v in groups.items() if key[0] == 0]
+    assert max(same_frame) - min(same_frame) > 1e-2 if xy else len(same_frame) == 1  # xy: place matters
 
 
 def test_rope_relative_and_cache_positions_continue():
