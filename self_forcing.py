@@ -457,8 +457,9 @@ def load(path, c, what, finished=True):
         raise UserError(f"checkpoint {path} is unfinished ({ck['step']} of {ck['iters']} steps): "
                         "run its stage again to finish it")
     for f in MODEL_FIELDS:
-        if ck["config"].get(f, getattr(Config, f)) != getattr(c, f):  # a field it predates: the default
-            raise UserError(f"checkpoint {path} has {f}={ck['config'].get(f)} but this run has "
+        have = ck["config"].get(f, getattr(Config, f))  # a field it predates: the default
+        if have != getattr(c, f):
+            raise UserError(f"checkpoint {path} has {f}={have} but this run has "
                              f"{f}={getattr(c, f)} (same --preset, or --fresh to retrain)")
     return ck
 

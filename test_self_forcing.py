@@ -805,6 +805,14 @@ def test_mismatched_checkpoint_is_refused(run_dir):
     c = cfg(out=run_dir, width=48)
     with pytest.raises(sf.UserError, match="width"):
         sf.load(os.path.join(run_dir, "teacher.pt"), c, "teacher")
+    # a checkpoint from before `rope_xy` existed was trained with RoPE over frames only
+    ck = torch.load(os.path.join(run_dir, "teacher.pt"), weights_only=True)
+    del ck["config"]["rope_xy"]
+    old = os.path.join(run_dir, "old_teacher.pt")
+    torch.save(ck, old)
+    with pytest.raises(sf.UserError, match="has rope_xy=False but this run has rope_xy=True"):
+        sf.load(old, cfg(rope_xy=True), "teacher")
+    sf.load(old, cfg(rope_xy=False), "teacher")
     with open(os.path.join(run_dir, "broken.pt"), "wb") as f:
         f.write(b"not a checkpoint")
     with pytest.raises(sf.UserError, match="cannot read"):
