@@ -81,7 +81,7 @@ class Config:
     width: int = 64  # D, the token width: with depth, the size of the model
     depth: int = 3  # transformer blocks
     heads: int = 4  # attention heads (head width D/heads)
-    rope_xy: bool = False  # RoPE over row and column too (Wan's 3D RoPE): on for cpu; gpu teachers broke (README)
+    rope_xy: bool = False  # RoPE over row and column too (Wan's 3D RoPE): on for cpu; on gpu it did not help (README)
     frames: int = 4  # F_train: frames per training clip (the teacher's window); attention cost ~ frames^2
     chunk: int = 1  # frames per AR chunk: 1 = the paper's frame-wise setting, >1 chunk-wise
     # diffusion (flow matching: x_t = (1 - sigma) x0 + sigma eps, the network predicts v = eps - x0)
@@ -132,7 +132,7 @@ PRESETS = {
     # cpu: the defaults (16x16, 64 tokens per frame, 4-frame clips, frame-wise) with the 3D RoPE
     "cpu": dict(rope_xy=True),
     # gpu: teacher_iters 6000, not 4000: the 4000-step teacher of seed 2 made 37% valid frames (README);
-    # no 3D RoPE: with it both gpu teachers tried made 6-16% valid frames, cause not found (README)
+    # no 3D RoPE: on gpu it broke 2 teachers of 3 and lowered every causal model at 4x (README, session 16)
     "gpu": dict(size=32, n_objects=3, radius=3.5, speed_min=1.0, speed_max=2.5, n_train=16000, patch=4,
                 width=128, depth=4, heads=4, frames=8, chunk=2, euler_steps=32, batch=256, teacher_iters=6000,
                 ode_pairs=2048, ode_iters=1000, diffusion_iters=2000, distill_iters=200, lr_gen=1e-5, n_eval=256),
