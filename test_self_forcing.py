@@ -833,7 +833,9 @@ def test_every_config_field_is_a_documented_flag():
     r = subprocess.run([sys.executable, os.path.join(HERE, "self_forcing.py"), "--help"], capture_output=True,
                        text=True, cwd=HERE, env={**os.environ, "COLUMNS": "250"}, timeout=60)
     out = r.stdout.splitlines()
+    cpu = sf.Config(**sf.PRESETS["cpu"])  # the value the help names is the cpu preset's, not the field default
     for f in dataclasses.fields(sf.Config):
         i = next(i for i, ln in enumerate(out) if ln.strip().startswith(f"--{f.name} "))
         text = " ".join(out[i].split()[2:] + " ".join(out[i + 1:i + 2]).split())  # long flags put the help on the next line
         assert len(text.split("[cpu preset")[0].strip()) > 3, f.name
+        assert text.split("[cpu preset: ")[1].split("]")[0] == str(getattr(cpu, f.name)), (f.name, text)
