@@ -132,7 +132,7 @@ PRESETS = {
                  critic_ratio=2, n_eval=4, long=2, ckpt_every=3, rope_xy=True),
     # cpu: the defaults (16x16, 64 tokens per frame, 4-frame clips, frame-wise) with the 3D RoPE
     "cpu": dict(rope_xy=True),
-    # quick: the cpu demo with about half of each stage's steps, for a class: 23-24 min on 2 cores (README)
+    # quick: the cpu demo with about half of each stage's steps, for a class: about 23 min on 2 cores (README)
     "quick": dict(rope_xy=True, teacher_iters=2500, diffusion_iters=300, ode_pairs=256, ode_iters=300,
                   distill_iters=100),
     # gpu: teacher_iters 6000, not 4000: the 4000-step teacher of seed 2 made 37% valid frames (README);
