@@ -105,7 +105,7 @@ class Config:
     lr_critic: float = 1e-4  # DMD critic lr
     real_cfg: float = 1.5  # CFG of DMD's real score, the teacher (u + real_cfg (c - u)); 3 costs SF its frames
     kv_grad: str = "detach"  # gradient through the KV cache in SF: detach | st (official straight-through)
-    exit_step: str = "last"  # SF's trained exit step: last (K-1; README Sessions 9-10) | random (Alg. 1: collapses)
+    exit_step: str = "last"  # SF's trained exit step: last (K-1; README says why) | random (Alg. 1: collapses)
     watch: int = 0  # distill: every `watch` updates, score the EMA generator at `long`x (0 = off)
     train_frames: int = 0  # SF training rollout length; > frames: the cache rolls, DMD judges the last frames
     restrict: bool = False  # SF training: the last chunk cannot attend to the first (paper Sec. 3.4)
@@ -132,7 +132,7 @@ PRESETS = {
                  critic_ratio=2, n_eval=4, long=2, ckpt_every=3, rope_xy=True),
     # cpu: the defaults (16x16, 64 tokens per frame, 4-frame clips, frame-wise) with the 3D RoPE
     "cpu": dict(rope_xy=True),
-    # quick: the cpu demo with about half of each stage's steps, for a class: about 23 min on 2 cores (README)
+    # quick: the cpu demo with about half of each stage's steps, for a class: 23 min on 2 cores, weaker (README)
     "quick": dict(rope_xy=True, teacher_iters=2500, diffusion_iters=300, ode_pairs=256, ode_iters=300,
                   distill_iters=100),
     # gpu: teacher_iters 6000, not 4000: the 4000-step teacher of seed 2 made 37% valid frames (README);
@@ -920,7 +920,7 @@ def distill(c, context):
             # The critic is trained EXACTLY as the teacher was (its noise levels too): then, were the
             # generator perfect, critic and teacher would agree and DMD's gradient would vanish. Trained
             # on the levels DMD queries instead (score_sigma, mostly near 1), a critic drifts away from the
-            # teacher even on real clips, and DMD reads that drift as a gradient (measured: README, Session 4).
+            # teacher even on real clips, and DMD reads that drift as a gradient (assets/history.md).
             with autocast(c):
                 lc = flow_matching_loss(critic, x.detach(), y, clip_sigma(c.batch, c, c.device))
             optimize(opt_c, lc, critic, c.clip)

@@ -320,12 +320,14 @@ def to_uint8(videos):
     return np.clip((videos.transpose(0, 1, 3, 4, 2) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
-def write_gif(path, panels, captions, scale=3, fps=8):
+def write_gif(path, panels, captions, scale=None, fps=8):
     """Side-by-side GIF: panels is a list of uint8 videos (F, H, W, 3) (same H, W; shorter ones hold
-    their last frame), each with a caption above it."""
+    their last frame), each with a caption above it, each pixel drawn as a scale x scale block (default:
+    about 96 px per panel, so 16x16 frames are as readable as 32x32 ones)."""
     import imageio
     F = max(len(p) for p in panels)
     H, W = panels[0].shape[1:3]
+    scale = scale or max(3, 96 // H)
     frames = []
     for f in range(F):
         cols = []
