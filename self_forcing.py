@@ -142,6 +142,16 @@ PRESETS = {
                 ode_pairs=2048, ode_iters=1000, diffusion_iters=2000, distill_iters=200, lr_gen=1e-5, n_eval=256),
 }
 MODEL_FIELDS = ("size", "patch", "width", "depth", "heads", "gravity", "rope_xy")  # what a checkpoint must agree on
+# What else a stage's checkpoint is made from (its upstream stages' settings included; its own step count is
+# not: more steps resume it). A finished checkpoint is reused only by a run that would make the same one.
+_teacher = ("n_objects", "radius", "speed_min", "speed_max", "n_train", "frames", "seed", "batch", "clip",
+            "p_uncond", "lr", "ema")
+_diffusion = _teacher + ("teacher_iters", "chunk")
+_ode = _diffusion + ("diffusion_iters", "shift", "few_steps", "euler_steps", "cfg", "window", "sink", "ode_teacher",
+                     "ode_pairs")
+_dmd = _ode + ("ode_iters", "critic_ratio", "lr_gen", "lr_critic", "real_cfg", "ema_distill")
+STAGE_FIELDS = {"teacher": _teacher, "tf": _diffusion, "df": _diffusion, "ode": _ode, "tf_dmd": _dmd,
+                "df_dmd": _dmd, "sf": _dmd + ("kv_grad", "exit_step", "train_frames", "restrict")}
 
 
 class UserError(Exception):
@@ -496,6 +506,14 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
     if os.path.exists(path):
         ck = load(path, c, name, finished=False)
         start = ck["step"]
+        old = lambda f: ck["config"].get(f, getattr(Config, f))  # noqa: E731  (a field it predates: the default)
+        key = "sf" if name.startswith("sf") else name  # Self Forcing's variants (sf_len16, ...) are sf's
+        changed = [f for f in STAGE_FIELDS[key] if old(f) != getattr(c, f)]
+        if changed or start > iters:  # never build on, or resume, a checkpoint this run would not make
+            made = ", ".join(f"{f}={old(f)}" for f in changed) or f"{start} steps"
+            asked = ", ".join(f"{f}={getattr(c, f)}" for f in changed) or f"{iters} steps"
+            raise UserError(f"{path} was made with {made}, this run asks for {asked}: --fresh retrains it, or give "
+                            "the variant its own --out (with copies of the checkpoints it builds on)")
         if start >= iters:  # later stages read only its "ema" weights
             print(f"[{name}] reusing finished checkpoint {path} ({start} steps)")
             return

@@ -801,6 +801,30 @@ def test_cli_bad_input_one_line_exit_2(args, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
 
 
+def test_a_finished_stage_is_reused_only_by_a_run_that_would_make_it(run_dir, tmp_path, capsys):
+    """A checkpoint made under other settings is refused, not silently reused: after the demo,
+    `distill --context self --kv_grad=st` would otherwise report the default generator as the variant's."""
+    copy_checkpoints(run_dir, tmp_path, "teacher", "ode", "df_dmd", "sf")
+    before = (tmp_path / "sf.pt").read_bytes()
+    run = lambda *a: sf.main([*a, "--preset", "test", f"--out={tmp_path}", "--device=cpu"])  # noqa: E731
+    run("distill", "--context", "self")  # the same settings: reused
+    run("distill", "--context", "df", "--kv_grad=st")  # DF+DMD is not made from kv_grad: reused
+    run("teacher", "--n_eval=8")  # an evaluation setting: reused
+    for args, made, asked in [(("distill", "--context", "self", "--kv_grad=st"), "kv_grad=detach", "kv_grad=st"),
+                              (("distill", "--context", "self", "--lr=0.01"), "lr=0.001", "lr=0.01"),  # upstream
+                              (("distill", "--context", "self", "--distill_iters=1"), "2 steps", "1 steps"),
+                              (("teacher", "--p_uncond=0.2"), "p_uncond=0.1", "p_uncond=0.2")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run(*args)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and made in err and asked in err and "--fresh" in err and "\n" not in err, err
+    assert (tmp_path / "sf.pt").read_bytes() == before  # nothing lost
+    sf.main(["distill", "--context", "self", "--distill_iters=3", "--preset", "test", f"--out={tmp_path}",
+             "--device=cpu"])  # more steps resume it, as before
+    assert sf.load(str(tmp_path / "sf.pt"), cfg(), "sf")["step"] == 3
+
+
 def test_mismatched_checkpoint_is_refused(run_dir):
     c = cfg(out=run_dir, width=48)
     with pytest.raises(sf.UserError, match="width"):
