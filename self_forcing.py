@@ -5,7 +5,7 @@ Diffusion", arXiv 2506.08009 (2025). Re-derived at toy scale on synthetic moving
 (toy_data.py); no code copied, nothing downloaded.
 
     python self_forcing.py                       # the demo: every stage on the CPU preset, then the table
-    python self_forcing.py --preset quick        # the same with about half the steps (a class, 23 min)
+    python self_forcing.py --preset quick        # the same with about half the steps (a class, 23-31 min)
     python self_forcing.py teacher --preset gpu  # one stage; `--help` lists stages and fields
     python self_forcing.py eval --n_eval=64      # any config field is a flag
     python self_forcing.py --gravity=0.6         # the harder toy: objects fall and bounce
@@ -132,7 +132,7 @@ PRESETS = {
                  critic_ratio=2, n_eval=4, long=2, ckpt_every=3, rope_xy=True),
     # cpu: the defaults (16x16, 64 tokens per frame, 4-frame clips, frame-wise) with the 3D RoPE
     "cpu": dict(rope_xy=True),
-    # quick: the cpu demo with about half of each stage's steps, for a class: 23 min on 2 cores, weaker (README)
+    # quick: the cpu demo with about half of each stage's steps, for a class: 23-31 min on 2 cores, weaker (README)
     "quick": dict(rope_xy=True, teacher_iters=2500, diffusion_iters=300, ode_pairs=256, ode_iters=300,
                   distill_iters=100),
     # gpu: teacher_iters 6000, not 4000: the 4000-step teacher of seed 2 made 37% valid frames (README);
