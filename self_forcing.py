@@ -459,8 +459,9 @@ def save(path, obj):
     os.replace(tmp, path)
 
 
-def load(path, c, what, finished=True):
-    """A checkpoint for a later stage (or, finished=False, for resuming its own)."""
+def load(path, c, what, finished=True, fields=MODEL_FIELDS):
+    """A checkpoint for a later stage (or, finished=False, for resuming its own), made with this run's
+    `fields` (the model's; train() adds what the stage is made from, STAGE_FIELDS)."""
     if not os.path.exists(path):
         raise UserError(f"missing checkpoint {path}: run the `{what}` stage first")
     try:
@@ -470,11 +471,11 @@ def load(path, c, what, finished=True):
     if finished and ck["step"] < ck.get("iters", 0):  # an interrupted stage: nothing may build on it
         raise UserError(f"checkpoint {path} is unfinished ({ck['step']} of {ck['iters']} steps): "
                         "run its stage again to finish it")
-    for f in MODEL_FIELDS:
+    for f in fields:
         have = ck["config"].get(f, getattr(Config, f))  # a field it predates: the default
         if have != getattr(c, f):
-            raise UserError(f"checkpoint {path} has {f}={have} but this run has "
-                             f"{f}={getattr(c, f)} (same --preset, or --fresh to retrain)")
+            raise UserError(f"checkpoint {path} has {f}={have} but this run has {f}={getattr(c, f)} (same "
+                            "settings, --fresh to retrain it, or another --out for a variant)")
     return ck
 
 
@@ -504,16 +505,12 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
     path = os.path.join(c.out, name + ".pt")
     start = 0
     if os.path.exists(path):
-        ck = load(path, c, name, finished=False)
+        # reused or resumed only if this run would make the same checkpoint (Self Forcing's variants are sf's)
+        ck = load(path, c, name, False, MODEL_FIELDS + STAGE_FIELDS["sf" if name.startswith("sf") else name])
         start = ck["step"]
-        old = lambda f: ck["config"].get(f, getattr(Config, f))  # noqa: E731  (a field it predates: the default)
-        key = "sf" if name.startswith("sf") else name  # Self Forcing's variants (sf_len16, ...) are sf's
-        changed = [f for f in STAGE_FIELDS[key] if old(f) != getattr(c, f)]
-        if changed or start > iters:  # never build on, or resume, a checkpoint this run would not make
-            made = ", ".join(f"{f}={old(f)}" for f in changed) or f"{start} steps"
-            asked = ", ".join(f"{f}={getattr(c, f)}" for f in changed) or f"{iters} steps"
-            raise UserError(f"{path} was made with {made}, this run asks for {asked}: --fresh retrains it, or give "
-                            "the variant its own --out (with copies of the checkpoints it builds on)")
+        if start > iters:
+            raise UserError(f"checkpoint {path} was made with {start} steps, this run asks for {iters} steps "
+                            "(--fresh to retrain it, or another --out for a variant)")
         if start >= iters:  # later stages read only its "ema" weights
             print(f"[{name}] reusing finished checkpoint {path} ({start} steps)")
             return

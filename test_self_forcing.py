@@ -820,8 +820,7 @@ def test_a_finished_stage_is_reused_only_by_a_run_that_would_make_it(run_dir, tm
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and made in err and asked in err and "--fresh" in err and "\n" not in err, err
     assert (tmp_path / "sf.pt").read_bytes() == before  # nothing lost
-    sf.main(["distill", "--context", "self", "--distill_iters=3", "--preset", "test", f"--out={tmp_path}",
-             "--device=cpu"])  # more steps resume it, as before
+    run("distill", "--context", "self", "--distill_iters=3")  # more steps resume it, as before
     assert sf.load(str(tmp_path / "sf.pt"), cfg(), "sf")["step"] == 3
 
 
