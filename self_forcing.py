@@ -702,14 +702,17 @@ def train_ode(c):
     Pairs: x at the few-step grid's sigmas along teacher trajectories -> the trajectory's clean end."""
     name, stage = ("teacher", "teacher") if c.ode_teacher == "bidir" else ("tf", "diffusion --context tf")
     teacher = build(c, load(os.path.join(c.out, name + ".pt"), c, stage)["ema"]).eval()
-    path = os.path.join(c.out, f"ode_pairs_{c.ode_teacher}.pt")
+    # The pairs are saved before the stage's first checkpoint, and read, like one, only by a run under the
+    # settings that made them (a stopped `ode` run leaves them behind; --fresh remakes them).
+    path = os.path.join(c.out, "ode_pairs.pt")
     if not os.path.exists(path):
         g = torch.Generator().manual_seed(c.seed + 7)
         y = torch.randint(0, teacher.n_classes, (c.ode_pairs,), generator=g).to(c.device)
         batches = range(0, c.ode_pairs, 256)
         xs, x0s = zip(*[ode_trajectories(c, teacher, y[i:i + 256]) for i in tqdm(batches, desc="ode pairs")])
-        save(path, {"xs": torch.cat(xs).cpu(), "x0": torch.cat(x0s).cpu(), "y": y.cpu()})
-    pairs = torch.load(path, weights_only=True)
+        save(path, {"config": dataclasses.asdict(c), "xs": torch.cat(xs).cpu(), "x0": torch.cat(x0s).cpu(),
+                    "y": y.cpu()})
+    pairs = load(path, c, "ode", False, MODEL_FIELDS + STAGE_FIELDS["ode"])
     xs, x0s, ys = (pairs[k].to(c.device) for k in ("xs", "x0", "y"))  # xs (P, K, F, C, H, W)
     model = build(c, teacher.state_dict())  # start from the teacher's weights (made causal by the mask)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -1227,7 +1230,7 @@ def run_stage(c, stage, context=None, fresh=False):
     name = {"teacher": "teacher", "ode": "ode", "diffusion": context,
             "distill": context in DISTILLED and distilled_name(c, context)}[stage]
     if fresh:  # retrain: forget the checkpoint (and, for the ODE init, its teacher trajectories)
-        for f in [f"{name}.pt"] + ([f"ode_pairs_{c.ode_teacher}.pt"] if stage == "ode" else []):
+        for f in [f"{name}.pt"] + (["ode_pairs.pt"] if stage == "ode" else []):
             if os.path.exists(os.path.join(c.out, f)):
                 os.remove(os.path.join(c.out, f))
     torch.manual_seed(c.seed)

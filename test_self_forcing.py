@@ -605,7 +605,7 @@ def test_ode_student_sees_its_teachers_context(run_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sf, "causal_forward", spy)
     sf.main(["ode", "--preset", "test", f"--out={tmp_path}", "--device=cpu"])
-    x0 = torch.load(tmp_path / "ode_pairs_tf.pt", weights_only=True)["x0"]
+    x0 = torch.load(tmp_path / "ode_pairs.pt", weights_only=True)["x0"]
     assert seen and all(ctx == "tf" for ctx, _ in seen)
     assert all(any(torch.equal(xc[j], e) for e in x0) for _, xc in seen for j in range(len(xc)))
 
@@ -615,7 +615,7 @@ def test_ode_init_from_the_bidirectional_teacher_needs_only_the_teacher(run_dir,
     copy_checkpoints(run_dir, tmp_path, "teacher")
     sf.main(["ode", "--preset", "test", f"--out={tmp_path}", "--device=cpu", "--ode_teacher=bidir"])
     c = cfg()
-    pairs = torch.load(tmp_path / "ode_pairs_bidir.pt", weights_only=True)
+    pairs = torch.load(tmp_path / "ode_pairs.pt", weights_only=True)
     assert pairs["xs"].shape == (c.ode_pairs, c.few_steps, c.frames, 3, c.size, c.size)
     assert pairs["x0"].shape == (c.ode_pairs, c.frames, 3, c.size, c.size)
     assert (tmp_path / "ode.pt").exists() and not (tmp_path / "tf.pt").exists()
@@ -822,6 +822,29 @@ def test_a_finished_stage_is_reused_only_by_a_run_that_would_make_it(run_dir, tm
     assert (tmp_path / "sf.pt").read_bytes() == before  # nothing lost
     run("distill", "--context", "self", "--distill_iters=3")  # more steps resume it, as before
     assert sf.load(str(tmp_path / "sf.pt"), cfg(), "sf")["step"] == 3
+
+
+def test_ode_pairs_are_reused_only_under_the_settings_that_made_them(run_dir, tmp_path, capsys):
+    """The teacher trajectories are the ODE init's training data, saved before its first checkpoint: an
+    `ode` stage stopped in between leaves them behind, and a run under other settings (here the TF
+    sampler's CFG scale) must not train on them silently."""
+    copy_checkpoints(run_dir, tmp_path, "teacher", "tf")
+    run = lambda *a: sf.main([*a, "--preset", "test", f"--out={tmp_path}", "--device=cpu"])  # noqa: E731
+    run("ode")
+    pairs = tmp_path / "ode_pairs.pt"
+    made, x0 = pairs.read_bytes(), torch.load(pairs, weights_only=True)["x0"]
+    (tmp_path / "ode.pt").unlink()  # as if stopped before its first checkpoint
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run("ode", "--cfg=2")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "cfg=3.0" in err and "cfg=2.0" in err and "ode_pairs.pt" in err, err
+    assert pairs.read_bytes() == made and not (tmp_path / "ode.pt").exists()  # nothing lost, nothing trained
+    run("ode")  # the same settings: the pairs are read, not remade
+    assert pairs.read_bytes() == made and (tmp_path / "ode.pt").exists()
+    run("ode", "--cfg=2", "--fresh")  # --fresh remakes them with the TF sampler at this run's CFG scale
+    remade = torch.load(pairs, weights_only=True)
+    assert remade["config"]["cfg"] == 2.0 and not torch.equal(remade["x0"], x0)
 
 
 def test_mismatched_checkpoint_is_refused(run_dir):
