@@ -142,10 +142,10 @@ PRESETS = {
                 ode_pairs=2048, ode_iters=1000, diffusion_iters=2000, distill_iters=200, lr_gen=1e-5, n_eval=256),
 }
 MODEL_FIELDS = ("size", "patch", "width", "depth", "heads", "gravity", "rope_xy")  # what a checkpoint must agree on
-# What else a stage's checkpoint is made from (its upstream stages' settings included; its own step count is
-# not: more steps resume it). A finished checkpoint is reused only by a run that would make the same one.
-_teacher = ("n_objects", "radius", "speed_min", "speed_max", "n_train", "frames", "seed", "batch", "clip",
-            "p_uncond", "lr", "ema")
+# What a stage's checkpoint is made from: the model, its own and its upstream stages' settings (not its own step
+# count: more steps resume it). A finished checkpoint is reused only by a run that would make the same one.
+_teacher = MODEL_FIELDS + ("n_objects", "radius", "speed_min", "speed_max", "n_train", "frames", "seed", "batch",
+                          "clip", "p_uncond", "lr", "ema")
 _diffusion = _teacher + ("teacher_iters", "chunk")
 _ode = _diffusion + ("diffusion_iters", "shift", "few_steps", "euler_steps", "cfg", "window", "sink", "ode_teacher",
                      "ode_pairs")
@@ -461,7 +461,7 @@ def save(path, obj):
 
 def load(path, c, what, finished=True, fields=MODEL_FIELDS):
     """A checkpoint for a later stage (or, finished=False, for resuming its own), made with this run's
-    `fields` (the model's; train() adds what the stage is made from, STAGE_FIELDS)."""
+    `fields` (the model's; train() passes all that the stage is made from, STAGE_FIELDS)."""
     if not os.path.exists(path):
         raise UserError(f"missing checkpoint {path}: run the `{what}` stage first")
     try:
@@ -506,7 +506,7 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
     start = 0
     if os.path.exists(path):
         # reused or resumed only if this run would make the same checkpoint (Self Forcing's variants are sf's)
-        ck = load(path, c, name, False, MODEL_FIELDS + STAGE_FIELDS["sf" if name.startswith("sf") else name])
+        ck = load(path, c, name, False, STAGE_FIELDS["sf" if name.startswith("sf") else name])
         start = ck["step"]
         if start > iters:
             raise UserError(f"checkpoint {path} was made with {start} steps, this run asks for {iters} steps "
@@ -712,7 +712,7 @@ def train_ode(c):
         xs, x0s = zip(*[ode_trajectories(c, teacher, y[i:i + 256]) for i in tqdm(batches, desc="ode pairs")])
         save(path, {"config": dataclasses.asdict(c), "xs": torch.cat(xs).cpu(), "x0": torch.cat(x0s).cpu(),
                     "y": y.cpu()})
-    pairs = load(path, c, "ode", False, MODEL_FIELDS + STAGE_FIELDS["ode"])
+    pairs = load(path, c, "ode", False, STAGE_FIELDS["ode"])
     xs, x0s, ys = (pairs[k].to(c.device) for k in ("xs", "x0", "y"))  # xs (P, K, F, C, H, W)
     model = build(c, teacher.state_dict())  # start from the teacher's weights (made causal by the mask)
     ema = copy.deepcopy(model).requires_grad_(False)
