@@ -34,14 +34,14 @@ Sections (paper):
  10. Evaluation: quality, drift, exposure gap      (Sec. 4, Table 2)
  11. CLI
 
-Simplifications against the paper (also in the README): pixels instead of VAE latents; a ~1M-parameter
-DiT instead of Wan2.1-1.3B; the teacher (real score) and critic are the same size as the student
-(the paper's real score is the 14B model); labels instead of text prompts; Euler instead of UniPC for
-the many-step baselines; DMD only (no SiD or GAN variants); the ODE init regresses onto the TF model's
+Simplifications against the paper (also in the README): pixels instead of VAE latents; a ~1M-parameter DiT instead
+of Wan2.1-1.3B; the teacher (real score) and critic are the same size as the student (the paper's real score is
+the 14B model; on `gpu` ours scores below the causal TF model); labels instead of text prompts; Euler instead of
+UniPC for the many-step baselines; DMD only (no SiD or GAN variants); the ODE init regresses onto the TF model's
 chunk-by-chunk ODE, not the bidirectional teacher's (section 7 says why; `--ode_teacher=bidir` is the paper's);
-DMD's real score is guided at 1.5, not the official 3 (`real_cfg`: our teacher is tiny; README measures);
-Self Forcing trains the last exit step, not a random one (`exit_step`: the random one collapses here);
-RoPE over (frame, row, column) as in Wan on `cpu`, over the frame only on `gpu` (`rope_xy`: README).
+DMD's real score is guided at 1.5, not the official 3 (`real_cfg`: our teacher is tiny; README measures); Self
+Forcing trains the last exit step, not a random one (`exit_step`: the random one collapses here); RoPE over
+(frame, row, column) as in Wan on `cpu`, over the frame only on `gpu` (`rope_xy`: README).
 """
 import argparse
 import copy
