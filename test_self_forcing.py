@@ -3,6 +3,7 @@ instead of a cache, an analytic Gaussian score, the true physics). Run: python -
 import copy
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -538,8 +539,8 @@ def test_eval_scores_the_videos_of_its_seeded_noise_whatever_ran_before(run_dir,
 
 def test_teacher_check_reports_what_eval_will_and_warns_on_broken_frames(run_dir, tmp_path, monkeypatch, capsys):
     """The teacher stage scores its teacher at once: the same numbers eval prints for it later (same labels,
-    same noise), and a warning when most frames are broken (the test preset's 6-step teacher), none for
-    real clips."""
+    same noise), its motion beside the real clips' own (a teacher that made the real clips reads the same),
+    and a warning when most frames are broken (the test preset's 6-step teacher), none for real clips."""
     copy_checkpoints(run_dir, tmp_path, "teacher")
     c = cfg(out=str(tmp_path))
     teacher = sf.build(c, torch.load(tmp_path / "teacher.pt", weights_only=True)["ema"]).eval()
@@ -551,7 +552,10 @@ def test_teacher_check_reports_what_eval_will_and_warns_on_broken_frames(run_dir
     monkeypatch.setattr(sf, "generate_all", lambda m, kind, y, n, *a, **k: torch.from_numpy(real["videos"][:, :n]))
     capsys.readouterr()
     s = sf.check_teacher(c, teacher)
-    assert s["valid"] > 0.95 and "warning" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert s["valid"] > 0.95 and "warning" not in out
+    line = re.search(r"samples: (quality .*consistent transitions .*) \(real data: (.*)\)", out)
+    assert line and line[1] == line[2], out
 
 
 def test_long_view_and_bench_stages(run_dir, tmp_path):
