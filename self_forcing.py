@@ -135,8 +135,8 @@ PRESETS = {
     # quick: the cpu demo with about half of each stage's steps, for a class: 23-31 min on 2 cores, weaker (README)
     "quick": dict(rope_xy=True, teacher_iters=2500, diffusion_iters=300, ode_pairs=256, ode_iters=300,
                   distill_iters=100),
-    # gpu: teacher_iters 18000: at 6000 the teacher's motion was a third physically consistent and every DMD
-    # student inherited it; 18000 doubled every model's quality (README, session 19);
+    # gpu: teacher_iters 18000: the 6000-step teachers made ~30% of their transitions physically consistent;
+    # 18000 nearly doubled the teacher, TF, the ODE init and Self Forcing (seed 0; README, session 19);
     # no 3D RoPE: on gpu it broke 2 teachers of 3 and lowered every causal model at 4x (README, session 16)
     "gpu": dict(size=32, n_objects=3, radius=3.5, speed_min=1.0, speed_max=2.5, n_train=16000, patch=4,
                 width=128, depth=4, heads=4, frames=8, chunk=2, euler_steps=32, batch=256, teacher_iters=18000,
