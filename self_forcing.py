@@ -626,8 +626,7 @@ def check_teacher(c, teacher):
     consistent (the real clips: 98%), and held back every model built on them (README)."""
     s = score_now(c, teacher, "teacher", c.frames)["all"]
     real, _, v_real = eval_set(c, c.frames * c.long)
-    r = toy_data.score(real["videos"][:, :c.frames], real["labels"], v_real, c.frames, c.n_objects, c.radius,
-                       n_boot=1, chunk=c.chunk, gravity=c.gravity)["all"]
+    r = score_eval(c, real["videos"][:, :c.frames], real, v_real, n_boot=1)["all"]
     line = lambda x: (f"quality {x['quality']:.3f}, valid frames {x['valid']:.2f}, consistent transitions "  # noqa
                       f"{x['phys']:.2f}, speed ratio {x['speed_ratio']:.2f}")
     print(f"[teacher] {c.n_eval} samples: {line(s)} (real data: {line(r)})")
@@ -1009,6 +1008,12 @@ def generate_all(model, kind, y, n_frames, c, noise, context=None, sink=None):
                       for i in range(0, len(y), 256)]).clamp(-1, 1)
 
 
+def score_eval(c, videos, real, v_real, **kw):
+    """toy_data's scores of videos (N, F, C, H, W) made for eval_set's labels, with this run's physics."""
+    return toy_data.score(videos, real["labels"], v_real, c.frames, c.n_objects, c.radius, chunk=c.chunk,
+                          gravity=c.gravity, **kw)
+
+
 def score_now(c, model, kind, n_frames, n_boot=100):
     """One model on the evaluation set, on eval's labels and noise (the numbers eval will print for it),
     the random stream left as it was (training goes on bit-identically). -> toy_data.score's dict."""
@@ -1016,8 +1021,7 @@ def score_now(c, model, kind, n_frames, n_boot=100):
     real, y, v_real = eval_set(c, L)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if c.device.startswith("cuda") else []):
         v = generate_all(model, kind, y, n_frames, c, eval_noise(c, L)).cpu().numpy()
-    return toy_data.score(v, real["labels"], v_real, c.frames, c.n_objects, c.radius, n_boot=n_boot,
-                          chunk=c.chunk, gravity=c.gravity)
+    return score_eval(c, v, real, v_real, n_boot=n_boot)
 
 
 def evaluate(c):
@@ -1025,8 +1029,7 @@ def evaluate(c):
     L = c.frames * c.long
     real, y, v_real = eval_set(c, L)
     ctx = torch.from_numpy(real["videos"]).to(c.device)
-    sc = lambda v, n, ctx=None: toy_data.score(v[:, :n], real["labels"], v_real, c.frames, c.n_objects,  # noqa
-                                               c.radius, context=ctx, chunk=c.chunk, gravity=c.gravity)
+    sc = lambda v, n, ctx=None: score_eval(c, v[:, :n], real, v_real, context=ctx)  # noqa: E731
     results = {"real": {"1x": sc(real["videos"], c.frames), "long": sc(real["videos"], L)}}
     gifs = {"real": real["videos"][0]}  # one sample per method, side by side
     for name, label, kind in METHODS:
@@ -1095,8 +1098,7 @@ def evaluate_long(c, mult=16, at=(1, 4, 8, 16)):
     """Quality of the segments ending at 1x, 4x, 8x and 16x; writes results_long.md/json, long.gif."""
     L = c.frames * mult
     real, y, v_real = eval_set(c, L)
-    sc = lambda v: toy_data.score(v, real["labels"], v_real, c.frames, c.n_objects, c.radius,  # noqa: E731
-                                  gravity=c.gravity)
+    sc = lambda v: score_eval(c, v, real, v_real)  # noqa: E731
     results, gifs = {"real": dict(label="real data", **sc(real["videos"]))}, {"real": real["videos"][0]}
     for name, label, kind, sink in long_runs(c):
         path = os.path.join(c.out, name + ".pt")
