@@ -39,8 +39,8 @@ of Wan2.1-1.3B; the teacher (real score) and critic are the same size as the stu
 the 14B model; on `gpu` ours scores below the causal TF model); labels instead of text prompts; Euler instead of
 UniPC for the many-step baselines; DMD only (no SiD or GAN variants); the ODE init regresses onto the TF model's
 chunk-by-chunk ODE, not the bidirectional teacher's (section 7 says why; `--ode_teacher=bidir` is the paper's);
-DMD's real score is guided at 1.5, not the official 3 (`real_cfg`: our teacher is tiny; README measures); Self
-Forcing trains the last exit step, not a random one (`exit_step`: the random one collapses here); RoPE over
+DMD's real score is guided at 1.5, not the official 4 (`real_cfg`, in the u + s (c - u) form: our teacher is tiny;
+README measures); RoPE over
 (frame, row, column) as in Wan on `cpu`, over the frame only on `gpu` (`rope_xy`: README).
 """
 import argparse
@@ -103,9 +103,10 @@ class Config:
     critic_ratio: int = 5  # critic updates per generator update (official 5:1)
     lr_gen: float = 3e-5  # DMD generator lr (AdamW betas (0, 0.999), official); gpu 1e-5; SF collapses in some draws
     lr_critic: float = 1e-4  # DMD critic lr
-    real_cfg: float = 1.5  # CFG of DMD's real score, the teacher (u + real_cfg (c - u)); 3 costs SF its frames
-    kv_grad: str = "detach"  # gradient through the KV cache in SF: detach | st (official straight-through)
-    exit_step: str = "last"  # SF's trained exit step: last (K-1; README says why) | random (Alg. 1: collapses)
+    real_cfg: float = 1.5  # CFG of DMD's real score (u + real_cfg (c - u)); official 4 (c + 3 (c - u)): README
+    critic_sigma: str = "dmd"  # the critic's noise levels: dmd (official: DMD's query levels) | teacher (logit-normal)
+    kv_grad: str = "detach"  # gradient through the KV cache in SF: detach (paper) | st (official straight-through)
+    exit_step: str = "random"  # SF's trained exit step: random (Alg. 1: s ~ U{0..K-1}) | last (K-1, an ablation)
     watch: int = 0  # distill: every `watch` updates, score the EMA generator at `long`x (0 = off)
     train_frames: int = 0  # SF training rollout length; > frames: the cache rolls, DMD judges the last frames
     restrict: bool = False  # SF training: the last chunk cannot attend to the first (paper Sec. 3.4)
@@ -150,7 +151,7 @@ _teacher = MODEL_FIELDS + ("n_objects", "radius", "speed_min", "speed_max", "n_t
 _diffusion = _teacher + ("teacher_iters", "chunk")
 _ode = _diffusion + ("diffusion_iters", "shift", "few_steps", "euler_steps", "cfg", "window", "sink", "ode_teacher",
                      "ode_pairs")
-_dmd = _ode + ("ode_iters", "critic_ratio", "lr_gen", "lr_critic", "real_cfg", "ema_distill")
+_dmd = _ode + ("ode_iters", "critic_ratio", "lr_gen", "lr_critic", "real_cfg", "critic_sigma", "ema_distill")
 STAGE_FIELDS = {"teacher": _teacher, "tf": _diffusion, "df": _diffusion, "ode": _ode, "tf_dmd": _dmd,
                 "df_dmd": _dmd, "sf": _dmd + ("kv_grad", "exit_step", "train_frames", "restrict")}
 
@@ -176,6 +177,7 @@ def check_config(c):
         (c.ode_teacher not in ("bidir", "tf"), f"ode_teacher={c.ode_teacher!r}: choose bidir or tf"),
         (c.kv_grad not in ("detach", "st"), f"kv_grad={c.kv_grad!r}: choose detach or st"),
         (c.exit_step not in ("random", "last"), f"exit_step={c.exit_step!r}: choose random or last"),
+        (c.critic_sigma not in ("dmd", "teacher"), f"critic_sigma={c.critic_sigma!r}: choose dmd or teacher"),
         (c.train_frames and (c.train_frames < c.frames or c.train_frames % c.chunk),
          f"train_frames={c.train_frames} must be >= frames={c.frames} and a multiple of chunk"),
         (c.restrict and c.frames < 2 * c.chunk, "restrict needs at least two chunks per clip"),
@@ -217,8 +219,8 @@ def sample_sigma(*shape, device):
 
 
 def clip_sigma(B, c, device):
-    """(B, frames): one logit-normal level per clip, how the bidirectional teacher is trained. The DMD
-    critic is trained with exactly this too (section 9): the same loss, only on generated clips."""
+    """(B, frames): one logit-normal level per clip, how the bidirectional teacher is trained (and the DMD
+    critic with critic_sigma=teacher, section 9)."""
     return sample_sigma(B, 1, device=device).expand(-1, c.frames)
 
 
@@ -407,47 +409,50 @@ def guided(model, x, sigma, y, cfg, **kw):
 # 4. KV cache: a chunk's keys/values, overwritten in place on re-runs, rolling window with a sink
 
 class KVCache:
-    """Per layer, the rotated keys and values of the cached frames: (B, nh, frames*N, hd).
+    """Per layer, the rotated keys and values of the cached frames, one (B, nh, N, hd) tensor per frame.
 
     `begin(pos)` is called once per model call with the new frames' positions:
       - re-running a chunk (the next denoising step, the cache refresh) REPLACES that chunk's slots;
       - a new chunk is appended; if the cache would exceed `window` frames, the oldest frames are evicted,
         except the first `sink` frames, which are kept forever.
     The bookkeeping is on Python ints, so a rollout never waits for the GPU to say what to keep.
-    `straight_through` (kv_grad=st, the official code's behaviour): the values written by a re-run are
-    the new (clean) ones, but the gradient flows into the keys/values they replace (the exit step's):
+    Each frame's slot is its own tensor and keeps its own autograd history, whatever the grad mode of the
+    calls that read it later: a no_grad denoising step of chunk i+1 reads the cache but cannot cut the
+    graph of chunk i's slots, so the grad-enabled exit step of chunk i+1 still reaches them.
+    `straight_through` (kv_grad=st, the official code's in-place cache): a re-run (the clean refresh)
+    writes its own VALUES, but the gradient flows into the keys/values they replace (the exit step's):
     k = k_clean.detach() + k_exit - k_exit.detach()."""
 
     def __init__(self, depth, n_tokens, window, sink=0):
-        self.k, self.v = [None] * depth, [None] * depth
+        self.k, self.v = [[] for _ in range(depth)], [[] for _ in range(depth)]  # per layer, per frame
         self.N, self.window, self.sink = n_tokens, window, sink
         self.frames = []  # absolute frame index of every cached frame, in slot order
         self.straight_through = False
 
     def begin(self, pos):
-        # Per FRAME and shared by all layers; update() applies it to each layer's tensors.
+        # Per FRAME and shared by all layers; update() applies it to each layer's slots.
         new, old = [int(f) for f in pos], self.frames
         keep = [f for f in old if f < new[0]]  # a re-run drops the chunk's own old slots: overwrite
         over = len(keep) + len(new) - self.window
         if over > 0:  # rolling: evict the oldest non-sink frames
             keep = [f for f in keep if f < self.sink] + [f for f in keep if f >= self.sink][over:]
         self.keep = [old.index(f) for f in keep]  # slots that stay
-        self.redo = [i for i, f in enumerate(old) if f in new]  # slots being replaced (straight-through)
+        self.redo = [old.index(f) if f in old else None for f in new]  # the slot each new frame replaces
         self.frames = keep + new
 
     def update(self, layer, k, v):
-        """Store this call's k, v (B, nh, L, hd); return everything the new queries attend to."""
-        if self.k[layer] is not None:
-            slots = lambda t, idx: [t[:, :, i * self.N:(i + 1) * self.N] for i in idx]  # noqa: E731  slot i's N tokens
-            k_old, v_old = self.k[layer], self.v[layer]
-            with torch.set_grad_enabled(torch.is_grad_enabled() or self.straight_through):
-                if self.straight_through and self.redo:  # the refresh runs under no_grad...
-                    ke, ve = torch.cat(slots(k_old, self.redo), 2), torch.cat(slots(v_old, self.redo), 2)
-                    k, v = k.detach() + ke - ke.detach(), v.detach() + ve - ve.detach()  # ...grad via exit K/V
-                k = torch.cat(slots(k_old, self.keep) + [k], 2)
-                v = torch.cat(slots(v_old, self.keep) + [v], 2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
+        """Store this call's k, v (B, nh, F*N, hd); return everything the new queries attend to."""
+        k, v = list(k.split(self.N, 2)), list(v.split(self.N, 2))  # one (B, nh, N, hd) per frame
+        k_old, v_old = self.k[layer], self.v[layer]
+        if self.straight_through:  # the refresh runs under no_grad: clean values, gradient via the exit K/V
+            with torch.enable_grad():
+                for i, j in enumerate(self.redo):
+                    if j is not None:
+                        k[i] = k[i].detach() + k_old[j] - k_old[j].detach()
+                        v[i] = v[i].detach() + v_old[j] - v_old[j].detach()
+        self.k[layer] = [k_old[j] for j in self.keep] + k
+        self.v[layer] = [v_old[j] for j in self.keep] + v
+        return torch.cat(self.k[layer], 2), torch.cat(self.v[layer], 2)  # (B, nh, Lk, hd)
 
 
 # ####################################################################################################
@@ -872,7 +877,9 @@ def dmd_loss(x, y, teacher, critic, c):
             x0_real = x_t - s * guided(teacher, x_t, sigma, y, c.real_cfg).float()  # real score, with CFG
             x0_fake = x_t - s * critic(x_t, sigma, y).float()  # fake score: the critic, not the generator
         # descending along grad moves x toward what the teacher would denoise it to (x0_real) and away
-        # from what the critic, a model of the generator's own distribution, would (x0_fake)
+        # from what the critic, a model of the generator's own distribution, would (x0_fake). Were the
+        # generator perfect (critic == teacher), grad vanishes only at real_cfg = 1: with guidance the
+        # real score is sharper than the data, and (real_cfg - 1) sigma (v_c - v_u) / norm remains (tested)
         norm = (x - x0_real).abs().mean((1, 2, 3, 4), keepdim=True)  # per-sample step size (DMD)
         grad = torch.nan_to_num((x0_fake - x0_real) / norm)
     return 0.5 * Fn.mse_loss(x, (x - grad).detach())
@@ -908,9 +915,9 @@ def distill(c, context):
         """The generator's videos for the DMD loss (grad enabled only where the method allows)."""
         y = torch.randint(0, gen.n_classes, (B,), device=c.device)
         if context == "self":  # Alg. 1: its own rollout, one exit step shared by all chunks
-            s = int(torch.randint(c.few_steps, ()))  # drawn in both modes: the same random stream
-            if c.exit_step == "last":  # exit where inference does: every step runs, only the last is trained.
-                s = c.few_steps - 1  # Alg. 1's random s collapsed 1 run in 4 on this toy, `last` none (README)
+            s = int(torch.randint(c.few_steps, ()))  # Alg. 1: s ~ U{0..K-1}, one draw per rollout
+            if c.exit_step == "last":  # ablation: exit where inference does; steps < K-1 never get a gradient
+                s = c.few_steps - 1  # (drawn above all the same: both modes share the random stream)
             # Sec. 3.4: a rollout longer than the teacher's window rolls its cache as inference does, and
             # only its last `frames` frames are judged (and get gradient). `restrict`: the last chunk
             # cannot see the first, as a chunk far past the training length cannot.
@@ -941,12 +948,11 @@ def distill(c, context):
         for _ in range(c.critic_ratio):
             with torch.no_grad():
                 x, y = generate_train(c.batch)
-            # The critic is trained EXACTLY as the teacher was (its noise levels too): then, were the
-            # generator perfect, critic and teacher would agree and DMD's gradient would vanish. Trained
-            # on the levels DMD queries instead (score_sigma, mostly near 1), a critic drifts away from the
-            # teacher even on real clips, and DMD reads that drift as a gradient (assets/history.md).
+            # Official: the critic learns at the noise levels DMD queries it at (score_sigma, mostly near 1).
+            # critic_sigma=teacher trains it exactly as the teacher was (logit-normal levels) instead.
+            sigma = (score_sigma if c.critic_sigma == "dmd" else clip_sigma)(c.batch, c, c.device)
             with autocast(c):
-                lc = flow_matching_loss(critic, x.detach(), y, clip_sigma(c.batch, c, c.device))
+                lc = flow_matching_loss(critic, x.detach(), y, sigma)
             optimize(opt_c, lc, critic, c.clip)
         # The generator update: one rollout with grad (Alg. 1), judged as a whole video by DMD.
         x, y = generate_train(c.batch)

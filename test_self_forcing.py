@@ -160,7 +160,7 @@ def test_rolling_cache_equals_windowed_attention(window, sink, chunk):
             sl = slice(f0, f0 + chunk)
             out = m(x[:, sl], sigma[:, sl], y, pos=range(f0, f0 + chunk), cache=cache)
             assert (out - ref[:, sl]).abs().max() < 1e-5
-            assert len(cache.frames) <= window and cache.k[0].shape[2] <= window * m.N
+            assert len(cache.frames) <= window and len(cache.k[0]) <= window
             assert cache.frames[:min(sink, f0 + chunk)] == list(range(min(sink, f0 + chunk)))
         assert cache.frames == list(range(sink)) + list(range(10 - (window - sink), 10))
 
@@ -213,7 +213,7 @@ def test_rerunning_a_chunk_overwrites_its_slots():
         m(x[:, :2], sigma[:, :2], y, pos=range(2), cache=cache)
         m(x[:, :2] * 0.5, sigma[:, :2], y, pos=range(2), cache=cache)  # e.g. next denoising step
         m(x[:, :2], sigma[:, :2], y, pos=range(2), cache=cache)  # the refresh
-        assert cache.k[0].shape[2] == 2 * m.N
+        assert len(cache.k[0]) == 2  # frames 0 and 1, once each
         out = m(x[:, 2:], sigma[:, 2:], y, pos=range(2, 4), cache=cache)
         ref = m(x, sigma, y, mask=sf.block_causal_mask(4, 2))[:, 2:]
         assert (out - ref).abs().max() < 1e-5
@@ -416,6 +416,62 @@ def test_kv_grad_detach_blocks_and_straight_through_passes_only_the_exit_step():
         assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
+class _Replay:
+    """A stand-in for the KV cache (the model calls begin(pos) and update(layer, k, v)) that replays a
+    whole rollout in ONE masked pass, no cache involved. clean=None: record each layer's keys/values.
+    Else the queries of chunk i attend to [earlier chunks' keys/values | their own]: the earlier ones
+    carry the clean pass's VALUES and, with st, the exit pass's gradient (clean.detach() + e - e.detach())."""
+
+    def __init__(self, clean=None, st=False):
+        self.clean, self.st, self.kv = clean, st, []
+
+    def begin(self, pos):
+        pass
+
+    def update(self, layer, k, v):
+        if self.clean is None:
+            self.kv.append((k, v))
+            return k, v
+        mix = lambda cl, e: cl.detach() + (e - e.detach() if self.st else 0)  # noqa: E731
+        kc, vc = self.clean[layer]
+        return torch.cat([mix(kc, k), k], 2), torch.cat([mix(vc, v), v], 2)
+
+
+@pytest.mark.parametrize("kv_grad", ["detach", "st"])
+@pytest.mark.parametrize("s", [0, 1, 2, 3])
+def test_rollout_gradient_equals_a_cache_free_replay_at_every_exit_step(kv_grad, s):
+    """The parameter gradient of a training rollout (3 chunks, exit step s) against a replay without a
+    cache: the clean outputs at sigma=0 in one block-causal pass give the context's values; the recorded
+    exit-step inputs in one pass whose chunk i sees earlier chunks through those values (st: with the
+    exit pass's Jacobian, as the official in-place cache does) and itself through its own keys."""
+    c = cfg(frames=6, chunk=2)
+    m = random_model(c)
+    y, F, sig = torch.tensor([0, 2]), 6, sf.few_step_sigmas(c)
+    w = torch.randn(2, F, 3, c.size, c.size)  # a random loss on the whole video
+    record = {s: []}
+    out = sf.rollout(m, y, F, c, sig.tolist(), True, exit_step=s, kv_grad=kv_grad, record=record)
+    (out * w).sum().backward()
+    g_roll = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    x_exit = torch.cat(record[s], 1).detach()  # each chunk's input at its exit step
+    clean = _Replay()
+    with torch.no_grad():
+        m(out.detach(), torch.zeros(2, F), y, mask=sf.block_causal_mask(F, c.chunk), cache=clean)
+    ci = torch.arange(F) // c.chunk
+    mask = torch.cat([ci[:, None] > ci[None, :], ci[:, None] == ci[None, :]], 1)  # [earlier | own chunk]
+    v = m(x_exit, torch.full((2, F), float(sig[s])), y, mask=mask, cache=_Replay(clean.kv, kv_grad == "st"))
+    x0_hat = x_exit - sig[s] * v
+    torch.testing.assert_close(x0_hat, out, atol=1e-5, rtol=1e-5)
+    (x0_hat * w).sum().backward()
+    for p, g in zip(m.parameters(), g_roll):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    if kv_grad == "st":  # and the two modes really differ: st sends gradient through the context
+        m.zero_grad()
+        v = m(x_exit, torch.full((2, F), float(sig[s])), y, mask=mask, cache=_Replay(clean.kv, False))
+        ((x_exit - sig[s] * v) * w).sum().backward()
+        assert max((p.grad - g).abs().max() / g.abs().max() for p, g in zip(m.parameters(), g_roll)) > 1e-2
+
+
 # ----------------------------------------------------------------------------------------------------
 # DMD
 
@@ -458,6 +514,32 @@ def test_dmd_real_score_is_the_teacher_guided_with_real_cfg():
         x0_real, x0_fake = x_t - s * (vu + 2.0 * (vc - vu)), x_t - s * critic(x_t, sigma, y)
         ref = (x0_fake - x0_real) / (x - x0_real).abs().mean((1, 2, 3, 4), keepdim=True) / x.numel()
     torch.testing.assert_close(x.grad, ref, rtol=1e-4, atol=1e-9)
+
+
+def test_dmd_with_a_perfect_critic_leaves_only_the_guidance_term():
+    """critic == teacher, as for a perfect generator: at real_cfg = 1 the generator feels nothing; at
+    real_cfg = g it still feels the guidance term sigma (g - 1) (v_c - v_u) / norm (CFG's sharpening)."""
+    c = cfg(frames=2, chunk=1)
+    teacher = random_model(c, 0)
+    x, _, y = inputs(c, B=3)
+    for g in (1.0, 4.0):
+        x.grad = None
+        x.requires_grad_(True)
+        torch.manual_seed(5)
+        sf.dmd_loss(x, y, teacher, teacher, dataclasses.replace(c, real_cfg=g)).backward()
+        if g == 1:
+            assert x.grad.abs().max() == 0
+            continue
+        torch.manual_seed(5)  # the same noise level and noise as inside dmd_loss
+        with torch.no_grad():
+            sigma = sf.shift(torch.rand(3, 1), c.shift).clamp(0.02, 0.98).expand(-1, 2)
+            x_t = (1 - sigma[..., None, None, None]) * x + sigma[..., None, None, None] * torch.randn_like(x)
+            vc, vu = teacher(x_t, sigma, y), teacher(x_t, sigma, torch.full_like(y, teacher.n_classes))
+            s = sigma[..., None, None, None]
+            x0_real = x_t - s * (vu + g * (vc - vu))
+            ref = s * (g - 1) * (vc - vu) / (x - x0_real).abs().mean((1, 2, 3, 4), keepdim=True) / x.numel()
+        torch.testing.assert_close(x.grad, ref, rtol=1e-4, atol=1e-9)
+        assert ref.abs().max() > 0
 
 
 def test_dmd_with_trained_critic_moves_generator_to_target():
@@ -662,33 +744,57 @@ def test_distill_trains_critic_and_generator_only(run_dir, tmp_path):
     assert ck["model"].keys() == ck["critic"].keys() and not same(ck["model"], ck["critic"])  # ...and distinct
 
 
-def test_exit_step_random_draws_every_step_and_last_always_the_last(run_dir, tmp_path, monkeypatch):
-    """Alg. 1 draws one exit step per rollout from all K; exit_step=last exits where inference does, with the
-    rest of training (and its random stream) unchanged."""
+def test_exit_step_is_drawn_from_all_k_once_per_rollout_by_default(run_dir, tmp_path, monkeypatch):
+    """Alg. 1 by default: one exit step per rollout from all K, shared by every chunk of it (each chunk
+    runs s + 1 steps, one of them with grad); exit_step=last exits where inference does, with the rest of
+    training (and its random stream) unchanged."""
     copy_checkpoints(run_dir, tmp_path, "teacher", "ode")
     seen, orig = [], sf.rollout
 
     def spy(*a, exit_step=None, **k):
-        seen.append(exit_step)
-        return orig(*a, exit_step=exit_step, **k)
+        stats = {}
+        out = orig(*a, exit_step=exit_step, stats=stats, **k)
+        seen.append((exit_step, stats["calls"], stats["grad_calls"], torch.is_grad_enabled()))
+        return out
 
     monkeypatch.setattr(sf, "rollout", spy)
     runs = {}
     for mode in ("random", "last"):
         seen.clear()
         torch.manual_seed(0)
-        sf.distill(cfg(out=str(tmp_path), distill_iters=8, critic_ratio=2, exit_step=mode), "self")
+        c = cfg(out=str(tmp_path), distill_iters=8, critic_ratio=2, **({} if mode == "random" else {"exit_step": mode}))
+        sf.distill(c, "self")
         runs[mode] = list(seen)
         os.remove(tmp_path / "sf.pt")
-    K = cfg().few_steps
+    K, n = cfg().few_steps, cfg().frames // cfg().chunk
     assert len(runs["random"]) == len(runs["last"]) == 8 * 3  # every critic and generator rollout
-    assert set(runs["random"]) == set(range(K)) and set(runs["last"]) == {K - 1}
+    counts = np.bincount([s for s, *_ in runs["random"]], minlength=K)
+    assert (counts > 0).all() and len(counts) == K, counts  # every exit step drawn
+    assert {s for s, *_ in runs["last"]} == {K - 1}
+    for s, calls, grad_calls, grad in runs["random"]:  # one s for all chunks: s + 1 steps each, + refreshes
+        assert calls == n * (s + 1) + n - 1 and grad_calls == (n if grad else 0)
 
 
-def test_critic_is_trained_with_the_teachers_noise_levels(run_dir, tmp_path, monkeypatch):
-    """The critic's flow-matching loss is the teacher's, noise levels included (one logit-normal level per
-    clip), not DMD's query levels (shifted toward 1): trained on other levels, a critic drifts away from
-    the teacher even on real clips, and DMD reads that drift as a gradient."""
+def test_straight_through_changes_training_at_the_last_exit_step(run_dir, tmp_path):
+    """kv_grad=st must reach earlier chunks at every exit step, the last included: from the same start and
+    the same random stream, st and detach give different generator updates."""
+    moved = {}
+    for kv in ("detach", "st"):
+        d = tmp_path / kv
+        d.mkdir()
+        copy_checkpoints(run_dir, d, "teacher", "ode")
+        torch.manual_seed(0)
+        sf.distill(cfg(out=str(d), distill_iters=3, exit_step="last", kv_grad=kv), "self")
+        w0 = torch.load(d / "ode.pt", weights_only=True)["ema"]
+        w = torch.load(d / "sf.pt", weights_only=True)["model"]
+        moved[kv] = torch.cat([(w[k] - w0[k]).flatten() for k in w])
+    assert (moved["st"] - moved["detach"]).norm() > 0.05 * moved["detach"].norm()
+
+
+@pytest.mark.parametrize("mode", ["dmd", "teacher"])
+def test_critic_noise_levels(run_dir, tmp_path, monkeypatch, mode):
+    """critic_sigma=dmd (official): the critic learns at DMD's query levels (uniform, shifted, one per clip);
+    teacher: at the teacher's own logit-normal levels, the same loss it was trained with on real clips."""
     copy_checkpoints(run_dir, tmp_path, "teacher", "ode")
     levels, orig = {}, sf.flow_matching_loss
 
@@ -701,13 +807,15 @@ def test_critic_is_trained_with_the_teachers_noise_levels(run_dir, tmp_path, mon
     (tmp_path / "t").mkdir()
     for who, run in (("teacher", lambda: sf.train_teacher(cfg(out=str(tmp_path / "t"), teacher_iters=4, batch=128))),
                      ("critic", lambda: sf.distill(cfg(out=str(tmp_path), distill_iters=1, critic_ratio=4,
-                                                       batch=128), "self"))):
+                                                       batch=128, critic_sigma=mode), "self"))):
         levels[who] = []
         run()
     t, c = torch.cat(levels["teacher"]), torch.cat(levels["critic"])
     assert t.shape == c.shape == (512, cfg().frames) and (c == c[:, :1]).all()  # one level per clip
-    assert abs(t.mean() - c.mean()) < 0.04 and abs(t.std() - c.std()) < 0.04
-    assert sf.score_sigma(512, cfg(), "cpu").mean() - c.mean() > 0.15  # the check tells the two apart
+    u = sf.shift(torch.rand(100_000), cfg().shift).clamp(0.02, 0.98)  # DMD's levels, drawn independently
+    ref = u if mode == "dmd" else t
+    assert abs(ref.mean() - c.mean()) < 0.04 and abs(ref.std() - c.std()) < 0.04
+    assert abs(u.mean() - t.mean()) > 0.15  # the check tells the two apart
 
 
 def test_watch_scores_the_ema_generator_without_changing_training(run_dir, tmp_path, capsys):
