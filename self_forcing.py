@@ -4,11 +4,10 @@ Huang, Li, He, Zhou, Shechtman, "Self Forcing: Bridging the Train-Test Gap in Au
 Diffusion", arXiv 2506.08009 (2025). Re-derived at toy scale on synthetic moving-shape videos
 (toy_data.py); no code copied, nothing downloaded.
 
-    python self_forcing.py                       # the demo: every stage on the CPU preset, then the table
-    python self_forcing.py --preset quick        # the same with about half the steps (a class, 23-31 min)
-    python self_forcing.py teacher --preset gpu  # one stage; `--help` lists stages and fields
-    python self_forcing.py eval --n_eval=64      # any config field is a flag
-    python self_forcing.py --gravity=0.6         # the harder toy: objects fall and bounce
+    python self_forcing.py                        # the demo: every stage on the cpu preset, then the table
+    python self_forcing.py teacher --preset gpu   # one stage; `--help` lists stages and fields
+    python self_forcing.py eval --long            # every AR method rolled out to 16x the training length
+    python self_forcing.py --exit_step=last       # any config field is a flag
 
 The story. An autoregressive (AR) video model makes chunk i conditioned on chunks < i. Trained with
 teacher forcing (TF: the context is real, clean frames) or diffusion forcing (DF: the context is real,
@@ -31,17 +30,15 @@ Sections (paper):
   7. Causal students: ODE init, TF, DF            (Sec. 3.1, 4; CausVid)
   8. Autoregressive rollout (Algorithm 1)         (Sec. 3.2: KV cache, exit step, gradient truncation)
   9. DMD with a trained critic; SF, TF+DMD, DF+DMD (Sec. 3.3, Eq. 5-6; App. B)
- 10. Evaluation: quality, drift, exposure gap      (Sec. 4, Table 2)
+ 10. Evaluation: quality, drift, the long view    (Sec. 4, Table 2)
  11. CLI
 
-Simplifications against the paper (also in the README): pixels instead of VAE latents; a ~1M-parameter DiT instead
-of Wan2.1-1.3B; the teacher (real score) and critic are the same size as the student (the paper's real score is
-the 14B model; on `gpu` ours scores below the causal TF model); labels instead of text prompts; Euler instead of
-UniPC for the many-step baselines; DMD only (no SiD or GAN variants); the ODE init regresses onto the TF model's
-chunk-by-chunk ODE, not the bidirectional teacher's (section 7 says why; `--ode_teacher=bidir` is the paper's);
-DMD's real score is guided at 1.5, not the official 4 (`real_cfg`, in the u + s (c - u) form: our teacher is tiny;
-README measures); RoPE over
-(frame, row, column) as in Wan on `cpu`, over the frame only on `gpu` (`rope_xy`: README).
+Simplifications against the paper (README, "Differences from the paper"): pixels instead of VAE latents; a
+~0.3M-parameter DiT instead of Wan2.1-1.3B; the teacher (real score) and the critic are the student's size (the
+paper's real score is the 14B model); labels instead of text prompts; Euler instead of UniPC for the many-step
+baselines; DMD only (no SiD or GAN); the ODE init regresses onto the causal TF model's chunk-by-chunk ODE, not the
+bidirectional teacher's (section 7 says why; `--ode_teacher=bidir` is the paper's); DMD's real score is guided
+at 1.5, not the official 4 (`real_cfg`); learning rates for a tiny model.
 """
 import argparse
 import copy
@@ -73,87 +70,70 @@ class Config:
     size: int = 16  # frame height = width in pixels
     n_objects: int = 2  # objects per clip, object k in colour channel k
     radius: float = 2.0  # half side of the square (all shapes have its area)
-    speed_min: float = 0.6  # object speed range in px/frame (uniform)
-    speed_max: float = 1.4  # (bounces keep each axis' speed)
+    speed: float = 1.0  # object speeds are uniform in [0.6, 1.4] x speed px/frame (bounces keep them)
     gravity: float = 0.0  # px/frame^2: > 0 = the harder toy, objects fall and bounce (try 0.6 on `gpu`)
-    n_train: int = 8000  # training clips, generated once, kept on the device (flips x2, time reversal x2)
-    # model: a tiny DiT with per-frame adaLN-Zero and temporal RoPE
+    # model: a tiny DiT with per-frame adaLN-Zero and 3D RoPE (frame, row, column), 4 heads
     patch: int = 2  # N = (size/patch)^2 tokens per frame, the main cost; 16 (patch 4) did not learn shapes
     width: int = 64  # D, the token width: with depth, the size of the model
     depth: int = 3  # transformer blocks
-    heads: int = 4  # attention heads (head width D/heads)
-    rope_xy: bool = False  # RoPE over row and column too (Wan's 3D RoPE): on for cpu; on gpu it did not help (README)
-    frames: int = 4  # F_train: frames per training clip (the teacher's window); attention cost ~ frames^2
+    frames: int = 4  # F_train: frames per training clip (the teacher's window, the KV cache's at inference)
     chunk: int = 1  # frames per AR chunk: 1 = the paper's frame-wise setting, >1 chunk-wise
     # diffusion (flow matching: x_t = (1 - sigma) x0 + sigma eps, the network predicts v = eps - x0)
-    shift: float = 5.0  # time shift k: sigma' = k sigma / (1 + (k-1) sigma), Wan/official value 5
     few_steps: int = 4  # K, steps of the few-step generator: grid [1, .75, .5, .25] shifted
     euler_steps: int = 16  # Euler steps of the teacher and the many-step TF/DF baselines (multiple of K)
-    cfg: float = 3.0  # classifier-free guidance scale (u + cfg (c - u)) of the teacher and TF/DF samplers
-    p_uncond: float = 0.1  # label dropout while training, so that CFG exists
-    # training (steps of every stage; the same for TF and DF, and for all three DMD methods)
-    batch: int = 32  # clips per step, every stage
-    lr: float = 1e-3  # AdamW learning rate of teacher, ODE, TF and DF
-    teacher_iters: int = 5000  # teacher training steps (cpu at 2500: 0.84 of frames valid, DMD students level)
-    ode_pairs: int = 512  # teacher trajectories for the ODE init
-    ode_teacher: str = "tf"  # whose ODE the init regresses onto: tf (AR teacher, Causal Forcing) | bidir (paper)
+    cfg: float = 3.0  # classifier-free guidance (u + cfg (c - u)) of the teacher and TF/DF samplers
+    # training (the same steps for TF and DF, and for all three DMD methods)
+    batch: int = 32  # clips per step, every stage (the ODE init uses 16 x batch teacher trajectories)
+    lr: float = 1e-3  # AdamW learning rate of the teacher (ODE init, TF and DF: 0.3 x)
+    teacher_iters: int = 5000  # teacher training steps
+    ode_teacher: str = "tf"  # whose ODE the init regresses onto: tf (the AR TF model, Causal Forcing) | bidir (paper)
     ode_iters: int = 500  # ODE-regression steps (the student starts from its ODE teacher's weights)
     diffusion_iters: int = 600  # TF and DF many-step baselines (initialised from the teacher)
-    distill_iters: int = 200  # generator updates of SF, TF+DMD, DF+DMD (cpu at 60: none separates)
+    distill_iters: int = 200  # generator updates of SF, TF+DMD, DF+DMD
     critic_ratio: int = 5  # critic updates per generator update (official 5:1)
-    lr_gen: float = 3e-5  # DMD generator lr (AdamW betas (0, 0.999), official); gpu 1e-5; SF collapses in some draws
-    lr_critic: float = 1e-4  # DMD critic lr
+    lr_gen: float = 3e-5  # DMD generator lr (AdamW betas (0, 0.999), official); official 2e-6 at 1.3B
+    lr_critic: float = 1e-4  # DMD critic lr (official 4e-7 at 1.3B)
     real_cfg: float = 1.5  # CFG of DMD's real score (u + real_cfg (c - u)); official 4 (c + 3 (c - u)): README
     critic_sigma: str = "dmd"  # the critic's noise levels: dmd (official: DMD's query levels) | teacher (logit-normal)
     kv_grad: str = "detach"  # gradient through the KV cache in SF: detach (paper) | st (official straight-through)
     exit_step: str = "random"  # SF's trained exit step: random (Alg. 1: s ~ U{0..K-1}) | last (K-1, an ablation)
-    watch: int = 0  # distill: every `watch` updates, score the EMA generator at `long`x (0 = off)
-    train_frames: int = 0  # SF training rollout length; > frames: the cache rolls, DMD judges the last frames
     restrict: bool = False  # SF training: the last chunk cannot attend to the first (paper Sec. 3.4)
-    ema: float = 0.999  # EMA decay of teacher / ODE / TF / DF weights
-    ema_distill: float = 0.99  # EMA decay of the DMD generators (official 0.99)
-    clip: float = 10.0  # gradient-norm clipping (official 10)
-    # rollouts and evaluation
-    window: int = 0  # KV-cache window in frames (including the chunk being made); 0 = frames
-    sink: int = 0  # first frames kept in a rolling cache forever (attention sink)
+    # evaluation and infrastructure
     n_eval: int = 64  # evaluation samples (same labels and seeds for every method)
-    long: int = 4  # the long evaluation is `long` x the training length
-    # infrastructure
     seed: int = 0  # data, training and evaluation seeds derive from it
     device: str = "auto"  # auto = cuda, else mps, else cpu
-    amp: bool = True  # bf16 autocast on CUDA
     out: str = ""  # run folder; "" = runs/<preset> (runs/<preset>_gravity with gravity)
-    ckpt_every: int = 500  # checkpoint period in steps (an interrupted stage resumes from there)
 
+
+# Fixed by the paper's official code or by this toy, not worth a flag each:
+SHIFT = 5.0  # time shift k: sigma' = k sigma / (1 + (k-1) sigma) (Wan / official)
+HEADS = 4  # attention heads
+P_UNCOND = 0.1  # label dropout while training, so that CFG exists
+EMA, EMA_DMD = 0.999, 0.99  # EMA decay of teacher / ODE / TF / DF weights, of the DMD generators (official)
+CLIP = 10.0  # gradient-norm clipping (official)
+N_TRAIN = 8000  # real training clips, generated once and kept on the device
+LONG = 4  # the evaluation table's long rollouts: LONG x the training length (`eval --long`: 16 x)
+CKPT_EVERY = 500  # checkpoint period in steps (an interrupted stage resumes from there)
 
 PRESETS = {
-    "test": dict(size=8, n_objects=1, radius=1.5, speed_min=0.5, speed_max=1.0, n_train=64, patch=2,
-                 width=32, depth=2, heads=2, frames=4, chunk=2, euler_steps=4, batch=8,
-                 teacher_iters=6, ode_pairs=16, ode_iters=4, diffusion_iters=4, distill_iters=2,
-                 critic_ratio=2, n_eval=4, long=2, ckpt_every=3, rope_xy=True),
-    # cpu: the defaults (16x16, 64 tokens per frame, 4-frame clips, frame-wise) with the 3D RoPE
-    "cpu": dict(rope_xy=True),
-    # quick: the cpu demo with about half of each stage's steps, for a class: 23-31 min on 2 cores, weaker (README)
-    "quick": dict(rope_xy=True, teacher_iters=2500, diffusion_iters=300, ode_pairs=256, ode_iters=300,
-                  distill_iters=100),
-    # gpu: teacher_iters 18000: the 6000-step teachers made ~30% of their transitions physically consistent;
-    # 18000 nearly doubled the teacher, TF, the ODE init and Self Forcing (seed 0; README, session 19);
-    # no 3D RoPE: on gpu it broke 2 teachers of 3 and lowered every causal model at 4x (README, session 16)
-    "gpu": dict(size=32, n_objects=3, radius=3.5, speed_min=1.0, speed_max=2.5, n_train=16000, patch=4,
-                width=128, depth=4, heads=4, frames=8, chunk=2, euler_steps=32, batch=256, teacher_iters=18000,
-                ode_pairs=2048, ode_iters=1000, diffusion_iters=2000, distill_iters=200, lr_gen=1e-5, n_eval=256),
+    "test": dict(size=8, n_objects=1, radius=1.5, speed=0.75, patch=2, width=32, depth=2, frames=4, chunk=2,
+                 euler_steps=4, batch=8, teacher_iters=6, ode_iters=4, diffusion_iters=4, distill_iters=2,
+                 critic_ratio=2, n_eval=4),
+    "cpu": dict(),  # the defaults: 16x16, 64 tokens per frame, 4-frame clips, frame-wise
+    "gpu": dict(size=32, n_objects=3, radius=3.5, speed=1.75, patch=4, width=128, depth=4, frames=8, chunk=2,
+                euler_steps=32, batch=256, teacher_iters=18000, ode_iters=1000, diffusion_iters=2000,
+                lr_gen=1e-5, n_eval=256),
 }
-MODEL_FIELDS = ("size", "patch", "width", "depth", "heads", "gravity", "rope_xy")  # what a checkpoint must agree on
 # What a stage's checkpoint is made from: the model, its own and its upstream stages' settings (not its own step
 # count: more steps resume it). A finished checkpoint is reused only by a run that would make the same one.
-_teacher = MODEL_FIELDS + ("n_objects", "radius", "speed_min", "speed_max", "n_train", "frames", "seed", "batch",
-                          "clip", "p_uncond", "lr", "ema")
+_teacher = ("size", "patch", "width", "depth", "gravity", "n_objects", "radius", "speed", "frames", "seed",
+            "batch", "lr")
 _diffusion = _teacher + ("teacher_iters", "chunk")
-_ode = _diffusion + ("diffusion_iters", "shift", "few_steps", "euler_steps", "cfg", "window", "sink", "ode_teacher",
-                     "ode_pairs")
-_dmd = _ode + ("ode_iters", "critic_ratio", "lr_gen", "lr_critic", "real_cfg", "critic_sigma", "ema_distill")
+_ode = _diffusion + ("diffusion_iters", "few_steps", "euler_steps", "cfg", "ode_teacher")
+_dmd = _ode + ("ode_iters", "critic_ratio", "lr_gen", "lr_critic", "real_cfg", "critic_sigma")
 STAGE_FIELDS = {"teacher": _teacher, "tf": _diffusion, "df": _diffusion, "ode": _ode, "tf_dmd": _dmd,
-                "df_dmd": _dmd, "sf": _dmd + ("kv_grad", "exit_step", "train_frames", "restrict")}
+                "df_dmd": _dmd, "sf": _dmd + ("kv_grad", "exit_step", "restrict")}
+MODEL_FIELDS = _teacher[:5]  # what any checkpoint must agree on to be loaded at all
 
 
 class UserError(Exception):
@@ -162,32 +142,33 @@ class UserError(Exception):
 
 def check_config(c):
     """Bad values end the run with one clear line (see main): each rule is (broken?, what to say)."""
-    for f in ("size", "patch", "width", "depth", "heads", "frames", "chunk", "few_steps", "euler_steps",
-              "batch", "teacher_iters", "critic_ratio", "n_train", "n_eval", "long"):
+    for f in ("size", "patch", "width", "depth", "frames", "chunk", "few_steps", "euler_steps", "batch",
+              "teacher_iters", "critic_ratio", "n_eval"):
         if getattr(c, f) < 1:
             raise UserError(f"{f}={getattr(c, f)} must be at least 1")
-    w = c.window or c.frames
+    choices = dict(ode_teacher=("tf", "bidir"), critic_sigma=("dmd", "teacher"), kv_grad=("detach", "st"),
+                   exit_step=("random", "last"))
+    for f, ok in choices.items():
+        if getattr(c, f) not in ok:
+            raise UserError(f"{f}={getattr(c, f)!r}: choose {' or '.join(ok)}")
     rules = [
         (c.size % c.patch, f"size={c.size} is not a multiple of patch={c.patch}"),
-        (c.width % c.heads or (c.width // c.heads) % 2, f"width={c.width} must split into {c.heads} heads "
-                                                        "of even width"),
+        (c.width % (8 * HEADS), f"width={c.width} must be a multiple of {8 * HEADS} ({HEADS} heads, 3D RoPE)"),
         (c.frames % c.chunk, f"frames={c.frames} is not a multiple of chunk={c.chunk}"),
         (c.euler_steps % c.few_steps, f"euler_steps={c.euler_steps} must be a multiple of few_steps={c.few_steps}"),
         (c.n_objects not in (1, 2, 3), "n_objects must be 1, 2 or 3 (one object per colour channel)"),
-        (c.ode_teacher not in ("bidir", "tf"), f"ode_teacher={c.ode_teacher!r}: choose bidir or tf"),
-        (c.kv_grad not in ("detach", "st"), f"kv_grad={c.kv_grad!r}: choose detach or st"),
-        (c.exit_step not in ("random", "last"), f"exit_step={c.exit_step!r}: choose random or last"),
-        (c.critic_sigma not in ("dmd", "teacher"), f"critic_sigma={c.critic_sigma!r}: choose dmd or teacher"),
-        (c.train_frames and (c.train_frames < c.frames or c.train_frames % c.chunk),
-         f"train_frames={c.train_frames} must be >= frames={c.frames} and a multiple of chunk"),
         (c.restrict and c.frames < 2 * c.chunk, "restrict needs at least two chunks per clip"),
-        (w < c.chunk + c.sink, f"window={w} must hold a chunk ({c.chunk}) plus the sink ({c.sink})"),
-        (not 0 < c.speed_min <= c.speed_max, "need 0 < speed_min <= speed_max"),
+        (not c.speed > 0, f"speed={c.speed} must be > 0"),
         (c.gravity < 0, f"gravity={c.gravity} must be >= 0 (y grows downwards: > 0 falls)"),
     ]
     for broken, message in rules:
         if broken:
             raise UserError(message)
+
+
+def speeds(c):
+    """The data's speed range in px/frame."""
+    return 0.6 * c.speed, 1.4 * c.speed
 
 
 # ####################################################################################################
@@ -197,20 +178,20 @@ def check_config(c):
 # velocity v = eps - x0, so one network call gives both an Euler step (x + d_sigma * v) and a clean-frame
 # estimate x0_hat = x_t - sigma * v, which is what the few-step generator and DMD work with.
 
-def shift(sigma, k):
+def shift(sigma, k=SHIFT):
     """Time shift (SD3 / Wan): spends more steps at high noise. shift(0) = 0, shift(1) = 1."""
     return k * sigma / (1 + (k - 1) * sigma)
 
 
 def euler_sigmas(c):
     """(euler_steps + 1,) sigmas from 1 to 0 for the many-step samplers."""
-    return shift(torch.linspace(1, 0, c.euler_steps + 1), c.shift)
+    return shift(torch.linspace(1, 0, c.euler_steps + 1))
 
 
 def few_step_sigmas(c):
     """(K,) the generator's grid: uniform [1, .75, .5, .25] shifted -> [1, .9375, .8333, .625] for k=5.
     It lies on the Euler grid (euler_steps is a multiple of K), so ODE pairs can be read off it."""
-    return shift(torch.linspace(1, 0, c.few_steps + 1)[:-1], c.shift)
+    return shift(torch.linspace(1, 0, c.few_steps + 1)[:-1])
 
 
 def sample_sigma(*shape, device):
@@ -236,11 +217,11 @@ def add_noise(x0, sigma, eps):
 # Positions. Inside a frame, a learned spatial embedding (the frame size never changes). Across frames,
 # rotary embeddings of the frame index: a query at frame i and a key at frame j interact through i - j
 # only, so a model trained on 8 frames can roll out 64 with a sliding cache and never see a new offset.
-# With `rope_xy` (Wan's 3D RoPE) half of the rotated pairs turn with the token's row and column instead:
-# attention then also sees where a key lies RELATIVE to the query inside the frame, which is what
-# following an object from one frame to the next needs (the `cpu` teacher's motion: README, session 15).
+# As in Wan's 3D RoPE, half of the rotated pairs turn with the token's row and column instead: attention
+# then also sees where a key lies RELATIVE to the query inside the frame, which is what following an
+# object from one frame to the next needs (xy=False, the frame index only, is the ablation).
 
-def rope(pos, dim, n, xy=False, theta=10000.0):
+def rope(pos, dim, n, xy=True, theta=10000.0):
     """cos, sin (F*N, dim/2) for the N = n*n tokens (row-major) of each frame at positions pos (F,).
     The pairs turn with the frame index; with xy, a quarter of them with the token's row and a quarter
     with its column instead."""
@@ -342,19 +323,18 @@ class Block(nn.Module):
 
 class DiT(nn.Module):
     """Video DiT: patchify each frame, per-frame (sigma, label) adaLN, spatial position embedding inside
-    the frame, RoPE over the frame index (and with rope_xy the row and column) in attention. Predicts
+    the frame, RoPE over the frame index, row and column in attention. Predicts
     the flow v = eps - x0."""
 
     def __init__(self, c):
         super().__init__()
         D, p = c.width, c.patch
-        self.p, self.N, self.hd, self.n_classes = p, (c.size // p) ** 2, D // c.heads, len(toy_data.SHAPES)
-        self.rope_xy = c.rope_xy  # RoPE over row and column too
+        self.p, self.N, self.hd, self.n_classes = p, (c.size // p) ** 2, D // HEADS, len(toy_data.SHAPES)
         self.embed = nn.Linear(3 * p * p, D)
         self.pos = nn.Parameter(torch.randn(self.N, D) * 0.02)  # spatial position inside a frame
         self.t_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.y_emb = nn.Embedding(self.n_classes + 1, D)  # last index = "no label" (for CFG)
-        self.blocks = nn.ModuleList([Block(D, c.heads, i) for i in range(c.depth)])
+        self.blocks = nn.ModuleList([Block(D, HEADS, i) for i in range(c.depth)])
         self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.head = nn.Linear(D, 3 * p * p)
@@ -381,7 +361,7 @@ class DiT(nn.Module):
         te = sigma[..., None] * 1000 * 10000 ** (-half)  # sinusoidal embedding of the noise level
         # conditioning per FRAME: its own noise level (DF and the rollout mix levels) + the clip's label
         c = self.t_mlp(torch.cat([te.sin(), te.cos()], -1)) + self.y_emb(y)[:, None]  # (B, F, D)
-        cs = rope(pos, self.hd, n, self.rope_xy)  # (F*N, hd/2)
+        cs = rope(pos, self.hd, n)  # (F*N, hd/2)
         tmask = None if mask is None else frames_to_tokens(mask, self.N)
         for blk in self.blocks:
             h = blk(h, c, cs, tmask, cache)
@@ -498,16 +478,12 @@ def ema_update(ema, model, decay, step):
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def autocast(c):
-    return torch.autocast("cuda", torch.bfloat16, enabled=c.amp and c.device.startswith("cuda"))
-
-
 def train(c, name, nets, step_fn, iters, ema_decay=None):
     """Generic loop: nets = {"model": m, ...} trained by step_fn(it) -> dict of loss tensors (it does its own
     optimizer steps). EMA of nets["model"] into nets["ema"]. Resumes from runs/.../name.pt if unfinished;
     a finished stage is reused. A NaN/Inf loss stops with the last good checkpoint kept."""
     # A stage is a checkpoint file: its step counter says whether it is finished (reuse it), unfinished
-    # (resume it: an interrupted run loses at most ckpt_every steps) or missing (start from scratch).
+    # (resume it: an interrupted run loses at most CKPT_EVERY steps) or missing (start from scratch).
     path = os.path.join(c.out, name + ".pt")
     start = 0
     if os.path.exists(path):
@@ -544,7 +520,7 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
             avg[k] = v if k not in avg else 0.98 * avg[k] + 0.02 * v  # a NaN, once in, stays in
         if ema_decay is not None:
             ema_update(nets["ema"], nets["model"], ema_decay, it)
-        save_now = (it + 1) % c.ckpt_every == 0 or it + 1 == iters
+        save_now = (it + 1) % CKPT_EVERY == 0 or it + 1 == iters
         if save_now or time.time() > t_read + 1:  # always before a checkpoint: a NaN never gets saved
             shown, t_read = {k: v.item() for k, v in avg.items()}, time.time()
             for k, v in shown.items():
@@ -557,11 +533,11 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
           + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
 
-def optimize(opt, loss, model, clip):
+def optimize(opt, loss, model):
     """One update: backward, clip the gradient norm (official: 10), step."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), clip)
+    nn.utils.clip_grad_norm_(model.parameters(), CLIP)
     opt.step()
 
 
@@ -575,8 +551,8 @@ class Data:
     reversal (both keep constant velocity, gravity and elastic bounces valid) make each batch fresh."""
 
     def __init__(self, c):
-        d = toy_data.make_videos(c.n_train, c.frames, c.size, c.n_objects, c.radius,
-                                 (c.speed_min, c.speed_max), c.seed + 1, gravity=c.gravity)
+        d = toy_data.make_videos(N_TRAIN, c.frames, c.size, c.n_objects, c.radius, speeds(c), c.seed + 1,
+                                 gravity=c.gravity)
         self.x = torch.from_numpy(d["videos"]).to(c.device)
         self.y = torch.from_numpy(d["labels"]).to(c.device)
 
@@ -614,31 +590,11 @@ def train_teacher(c):
     def step(it):
         x0, y = data.batch(c.batch)
         sigma = clip_sigma(c.batch, c, c.device)
-        with autocast(c):
-            loss = flow_matching_loss(model, x0, drop_labels(y, c.p_uncond, model.n_classes), sigma)
-        optimize(opt, loss, model, c.clip)
+        loss = flow_matching_loss(model, x0, drop_labels(y, P_UNCOND, model.n_classes), sigma)
+        optimize(opt, loss, model)
         return {"loss": loss}
 
-    train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, step, c.teacher_iters, c.ema)
-    check_teacher(c, build(c, load(os.path.join(c.out, "teacher.pt"), c, "teacher")["ema"]).eval())
-
-
-def check_teacher(c, teacher):
-    """DMD is no better than its real score, so score the teacher at once, on eval's labels and noise (the
-    numbers eval will print), beside the real clips' own scores, and warn when most of its frames are
-    broken: on `gpu` seed 2 a teacher with 37% valid frames took all three DMD students down with it. Clean
-    frames are not enough: the 6000-step `gpu` teachers made about 30% of their transitions physically
-    consistent (the real clips: 98%), and held back every model built on them (README)."""
-    s = score_now(c, teacher, "teacher", c.frames)["all"]
-    real, _, v_real = eval_set(c, c.frames * c.long)
-    r = score_eval(c, real["videos"][:, :c.frames], real, v_real, n_boot=1)["all"]
-    line = lambda x: (f"quality {x['quality']:.3f}, valid frames {x['valid']:.2f}, consistent transitions "  # noqa
-                      f"{x['phys']:.2f}, speed ratio {x['speed_ratio']:.2f}")
-    print(f"[teacher] {c.n_eval} samples: {line(s)} (real data: {line(r)})")
-    if s["valid"] < 0.6:
-        print("[teacher] warning: most frames are broken; every DMD student will inherit them "
-              "(retrain: --fresh with another --seed or more --teacher_iters)")
-    return s
+    train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, step, c.teacher_iters, EMA)
 
 
 # The teacher samples the whole clip at once: Euler steps along the flow, x <- x + (sigma' - sigma) v,
@@ -655,8 +611,7 @@ def sample_teacher(model, c, y, n_frames, record=None):
     for i in range(c.euler_steps):
         if record is not None and i in record:
             traj[i] = x.clone()
-        with autocast(c):
-            v = guided(model, x, sig[i].expand(B, n_frames), y, c.cfg).float()
+        v = guided(model, x, sig[i].expand(B, n_frames), y, c.cfg).float()
         x = x + (sig[i + 1] - sig[i]) * v
     return (x, traj) if record is not None else x
 
@@ -702,9 +657,9 @@ def ode_trajectories(c, teacher, y):
     if c.ode_teacher == "bidir":
         x0, traj = sample_teacher(teacher, c, y, c.frames, record=keep)
     else:
-        traj = {i: [] for i in keep}
-        x0 = rollout(teacher, y, c.frames, c, euler_sigmas(c)[:-1].tolist(), False, c.cfg, record=traj)
-        traj = {i: torch.cat(xs, 1) for i, xs in traj.items()}
+        trace = {"inputs": []}  # per chunk, its input x at every Euler step
+        x0 = rollout(teacher, y, c.frames, c, "euler", trace=trace)
+        traj = {i: torch.cat([steps[i] for steps in trace["inputs"]], 1) for i in keep}
     return torch.stack([traj[i] for i in keep], 1), x0
 
 
@@ -718,8 +673,8 @@ def train_ode(c):
     path = os.path.join(c.out, "ode_pairs.pt")
     if not os.path.exists(path):
         g = torch.Generator().manual_seed(c.seed + 7)
-        y = torch.randint(0, teacher.n_classes, (c.ode_pairs,), generator=g).to(c.device)
-        batches = range(0, c.ode_pairs, 256)
+        y = torch.randint(0, teacher.n_classes, (16 * c.batch,), generator=g).to(c.device)
+        batches = range(0, len(y), 256)
         xs, x0s = zip(*[ode_trajectories(c, teacher, y[i:i + 256]) for i in tqdm(batches, desc="ode pairs")])
         save(path, {"config": dataclasses.asdict(c), "xs": torch.cat(xs).cpu(), "x0": torch.cat(x0s).cpu(),
                     "y": y.cpu()})
@@ -739,14 +694,13 @@ def train_ode(c):
         i = torch.randint(len(xs), (c.batch,), device=c.device)
         sigma, k = chunk_sigmas(grid, c.batch, c)  # a random grid point per chunk
         x_t = xs[i][torch.arange(c.batch, device=c.device)[:, None], k, torch.arange(c.frames, device=c.device)]
-        with autocast(c):
-            v = causal_forward(model, x_t, sigma, ys[i], c, context, x_clean=x0s[i])
+        v = causal_forward(model, x_t, sigma, ys[i], c, context, x_clean=x0s[i])
         x0_hat = x_t - sigma[..., None, None, None] * v.float()
         loss = Fn.mse_loss(x0_hat, x0s[i])
-        optimize(opt, loss, model, c.clip)
+        optimize(opt, loss, model)
         return {"loss": loss}
 
-    train(c, "ode", {"model": model, "ema": ema, "opt": opt}, step, c.ode_iters, c.ema)
+    train(c, "ode", {"model": model, "ema": ema, "opt": opt}, step, c.ode_iters, EMA)
 
 
 # TF and DF are the two ways to train a causal model on real videos in parallel (paper Sec. 2, Fig. 2a-b).
@@ -765,92 +719,84 @@ def train_diffusion(c, context):
         x0, y = data.batch(c.batch)
         sigma = sample_sigma(c.batch, c.frames // c.chunk, device=c.device).repeat_interleave(c.chunk, 1)
         eps = torch.randn_like(x0)
-        y = drop_labels(y, c.p_uncond, model.n_classes)
-        with autocast(c):
-            v = causal_forward(model, add_noise(x0, sigma, eps), sigma, y, c, context, x_clean=x0)
+        y = drop_labels(y, P_UNCOND, model.n_classes)
+        v = causal_forward(model, add_noise(x0, sigma, eps), sigma, y, c, context, x_clean=x0)
         loss = Fn.mse_loss(v.float(), eps - x0)
-        optimize(opt, loss, model, c.clip)
+        optimize(opt, loss, model)
         return {"loss": loss}
 
-    train(c, context, {"model": model, "ema": ema, "opt": opt}, step, c.diffusion_iters, c.ema)
+    train(c, context, {"model": model, "ema": ema, "opt": opt}, step, c.diffusion_iters, EMA)
 
 
 # ####################################################################################################
 # 8. Autoregressive rollout: Algorithm 1 (training) and inference are the SAME loop
 
-def rollout(model, y, n_frames, c, sigmas, fresh_noise, cfg=1.0, exit_step=None, kv_grad="detach",
-            context=None, noise=None, window=None, sink=None, grad_from=0, stats=None, record=None):
+def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, window=None, sink=0, trace=None):
     """Generate n_frames chunk by chunk with the KV cache, exactly as at inference. -> (B, F, C, H, W).
 
-    Per chunk (Alg. 1): start from noise; for k = 0..s: x0_hat = x - sigma_k v(x, sigma_k); then
-    re-noise x0_hat to sigma_{k+1}, with FRESH noise (few-step generator, consistency-style sampling) or
-    with the model's own noise estimate (= an Euler step: the many-step baselines). The chunk's output
-    is x0_hat of the exit step s. Finally the clean output is run once more at sigma = 0 to write its
-    keys/values into the cache (the "cache refresh": later chunks see clean context, as at inference).
-
-    Self Forcing training (exit_step = s ~ U{0..K-1}, shared by all chunks, grad on): steps before s
-    run under no_grad, step s with grad (stochastic gradient truncation, Sec. 3.2), the refresh under
-    no_grad; kv_grad says whether gradient may pass through the cache into earlier chunks ("st").
-    context: real frames (B, F, ...): refresh the cache with THEM instead of the model's output (the
-    teacher-forced evaluation: chunk i from real chunks < i). grad_from: chunks that start before this
-    frame run wholly under no_grad (long training rollouts: the loss judges only the last frames).
-    stats: dict counting model calls and listing the cached frames each chunk attended to.
-    record: {step k: []} collects each chunk's input x at step k (the AR teacher's ODE pairs)."""
-    B, ch = len(y), c.chunk
+    Per chunk (Alg. 1): start from noise; for k = 0..s: x0_hat = x - sigma_k v(x, sigma_k), then re-noise
+    x0_hat to sigma_{k+1}. The chunk's output is x0_hat of the exit step s. Finally the clean output is run
+    once more at sigma = 0 to write its keys/values into the cache (the "cache refresh": later chunks see
+    clean context, as at inference).
+    sampler "few": the K-step generator (few_step_sigmas, re-noised with FRESH noise, consistency-style,
+      no CFG); "euler": the many-step TF / DF models (the Euler grid, re-noised with the model's own noise
+      estimate, which is exactly an Euler step, CFG c.cfg).
+    exit_step: None for inference (the last step). Self Forcing training passes s ~ U{0..K-1}, shared by
+      every chunk, with grad enabled: steps before s run under no_grad, step s with grad (stochastic
+      gradient truncation, Sec. 3.2), the refresh under no_grad; c.kv_grad says whether gradient passes
+      through the cache into the exit steps of earlier chunks ("st") or not ("detach").
+    noise (B, n_frames, C, H, W): the chunks' starting noise (default: drawn). window, sink: the cache's
+      size in frames (default c.frames, the training length) and its never-evicted first frames.
+    trace: a dict that collects the model calls, grad_calls, the frames each chunk attended to (seen) and,
+      if it has the key "inputs", every chunk's input x at every step (the AR teacher's ODE pairs)."""
+    B, ch, euler = len(y), c.chunk, sampler == "euler"
+    sigmas = (euler_sigmas(c)[:-1] if euler else few_step_sigmas(c)).tolist()
+    cfg = c.cfg if euler else 1.0
     s = len(sigmas) - 1 if exit_step is None else exit_step  # inference: always exit at the last step
     train_mode = torch.is_grad_enabled()  # the caller decides: no_grad for sampling, grad for Alg. 1
-    # A fresh cache per rollout. It holds at most `w` frames: past the training length it rolls.
-    w = window or c.window or c.frames
-    cache = KVCache(len(model.blocks), model.N, w, c.sink if sink is None else sink)
+    cache = KVCache(len(model.blocks), model.N, window or c.frames, sink)  # fresh per rollout; rolls past window
+    trace = {} if trace is None else trace
     out = []
     for f0 in range(0, n_frames, ch):  # Alg. 1 line 3: for each chunk i = 1..N
         pos = range(f0, f0 + ch)  # ABSOLUTE frame indices (RoPE, cache slots)
         # Alg. 1 line 4: the chunk starts from pure Gaussian noise
-        x = (torch.randn(B, ch, 3, c.size, c.size, device=c.device) if noise is None
-             else noise[:, f0:f0 + ch])
+        x = torch.randn(B, ch, 3, c.size, c.size, device=c.device) if noise is None else noise[:, f0:f0 + ch]
+        inputs = []
         # Alg. 1 lines 5-12: denoise with the K-step schedule, stopping at the exit step s.
         # Only step s builds an autograd graph: the memory of one pass per chunk, however many steps.
         for k in range(s + 1):
-            if record is not None and k in record:
-                record[k].append(x)
-            sigma = torch.full((B, ch), float(sigmas[k]), device=c.device)
-            with torch.set_grad_enabled(train_mode and k == s and f0 >= grad_from), autocast(c):
-                v = guided(model, x, sigma, y, cfg, pos=pos, cache=cache).float()
-                x0_hat = x - sigmas[k] * v  # the network's estimate of the clean chunk
-            if stats is not None:
-                stats["calls"] = stats.get("calls", 0) + 1
-                stats["grad_calls"] = stats.get("grad_calls", 0) + int(x0_hat.requires_grad)
+            inputs.append(x)
+            sigma = torch.full((B, ch), sigmas[k], device=c.device)  # (B, ch)
+            with torch.set_grad_enabled(train_mode and k == s):
+                x0_hat = x - sigmas[k] * guided(model, x, sigma, y, cfg, pos=pos, cache=cache)  # (B, ch, C, H, W)
+            trace["calls"] = trace.get("calls", 0) + 1
+            trace["grad_calls"] = trace.get("grad_calls", 0) + int(x0_hat.requires_grad)
             if k < s:  # re-noise to the next level
-                eps = torch.randn_like(x) if fresh_noise else (x - (1 - sigmas[k]) * x0_hat) / sigmas[k]
+                eps = (x - (1 - sigmas[k]) * x0_hat) / sigmas[k] if euler else torch.randn_like(x)
                 x = ((1 - sigmas[k + 1]) * x0_hat + sigmas[k + 1] * eps).detach()
-        if stats is not None:
-            stats.setdefault("seen", []).append(list(cache.frames))  # what this chunk attended to
+        trace.setdefault("seen", []).append(list(cache.frames))  # what this chunk attended to
+        if "inputs" in trace:
+            trace["inputs"].append(inputs)
         out.append(x0_hat)  # Alg. 1 line 13: the chunk's output (with grad at the exit step)
         # Alg. 1 line 14: write the chunk's keys/values computed from its CLEAN output (sigma = 0).
         # Later chunks attend to these, exactly as at inference: this is what makes the context the
-        # model's own. (With `context`, the real frames are written instead: teacher-forced evaluation.)
-        if f0 + ch < n_frames:  # cache refresh at sigma = 0 (not needed after the last chunk)
-            ctx = x0_hat.detach() if context is None else context[:, f0:f0 + ch]
-            cache.straight_through = train_mode and kv_grad == "st"
-            with torch.no_grad(), autocast(c):
-                guided(model, ctx, torch.zeros(B, ch, device=c.device), y, cfg, pos=pos, cache=cache)
+        # model's own. Not needed after the last chunk.
+        if f0 + ch < n_frames:
+            cache.straight_through = train_mode and c.kv_grad == "st"
+            with torch.no_grad():
+                guided(model, x0_hat.detach(), torch.zeros(B, ch, device=c.device), y, cfg, pos=pos, cache=cache)
             cache.straight_through = False
-            if stats is not None:
-                stats["calls"] += 1
-    return torch.cat(out, 1)
+            trace["calls"] += 1
+    return torch.cat(out, 1)  # (B, n_frames, C, H, W)
 
 
-def generate(model, kind, y, n_frames, c, context=None, noise=None, sink=None):
+def generate(model, kind, y, n_frames, c, noise=None, sink=0):
     """Inference for each method: 'teacher' bidirectional Euler; 'euler' AR many-step (TF / DF) with CFG;
     'few' AR 4-step (ODE init, DMD generators) without CFG. -> (B, F, C, H, W)."""
     with torch.no_grad():
         if kind == "teacher":
             return sample_teacher(model, c, y, n_frames)
-        if kind == "euler":
-            return rollout(model, y, n_frames, c, euler_sigmas(c)[:-1].tolist(), False, c.cfg, context=context,
-                           noise=noise, sink=sink)
-        return rollout(model, y, n_frames, c, few_step_sigmas(c).tolist(), True, 1.0, context=context,
-                       noise=noise, sink=sink)
+        return rollout(model, y, n_frames, c, kind, noise=noise, sink=sink)
 
 
 # ####################################################################################################
@@ -861,7 +807,7 @@ def generate(model, kind, y, n_frames, c, context=None, noise=None, sink=None):
 
 def score_sigma(B, c, device):
     """One DMD noise level per video: uniform, shifted, clamped to [0.02, 0.98] (official)."""
-    return shift(torch.rand(B, 1, device=device), c.shift).clamp(0.02, 0.98).expand(-1, c.frames)
+    return shift(torch.rand(B, 1, device=device)).clamp(0.02, 0.98).expand(-1, c.frames)
 
 
 def dmd_loss(x, y, teacher, critic, c):
@@ -873,9 +819,8 @@ def dmd_loss(x, y, teacher, critic, c):
         sigma = score_sigma(len(x), c, x.device)
         x_t = add_noise(x, sigma, torch.randn_like(x))  # diffuse the generated video to a random level
         s = sigma[..., None, None, None]
-        with autocast(c):
-            x0_real = x_t - s * guided(teacher, x_t, sigma, y, c.real_cfg).float()  # real score, with CFG
-            x0_fake = x_t - s * critic(x_t, sigma, y).float()  # fake score: the critic, not the generator
+        x0_real = x_t - s * guided(teacher, x_t, sigma, y, c.real_cfg)  # real score: the teacher, with CFG
+        x0_fake = x_t - s * critic(x_t, sigma, y)  # fake score: the critic, not the generator
         # descending along grad moves x toward what the teacher would denoise it to (x0_real) and away
         # from what the critic, a model of the generator's own distribution, would (x0_fake). Were the
         # generator perfect (critic == teacher), grad vanishes only at real_cfg = 1: with guidance the
@@ -889,11 +834,8 @@ DISTILLED = {"self": "sf", "tf": "tf_dmd", "df": "df_dmd"}  # distill --context 
 
 
 def distilled_name(c, context):
-    """Checkpoint name of a distill run; Self Forcing's long-rollout variants get their own file."""
-    name = DISTILLED[context]
-    if context == "self" and c.train_frames > c.frames:
-        name += f"_len{c.train_frames}"
-    return name + ("_restrict" if context == "self" and c.restrict else "")
+    """Checkpoint name of a distill run; Self Forcing with the Sec. 3.4 restriction gets its own file."""
+    return DISTILLED[context] + ("_restrict" if context == "self" and c.restrict else "")
 
 
 def distill(c, context):
@@ -918,30 +860,16 @@ def distill(c, context):
             s = int(torch.randint(c.few_steps, ()))  # Alg. 1: s ~ U{0..K-1}, one draw per rollout
             if c.exit_step == "last":  # ablation: exit where inference does; steps < K-1 never get a gradient
                 s = c.few_steps - 1  # (drawn above all the same: both modes share the random stream)
-            # Sec. 3.4: a rollout longer than the teacher's window rolls its cache as inference does, and
-            # only its last `frames` frames are judged (and get gradient). `restrict`: the last chunk
-            # cannot see the first, as a chunk far past the training length cannot.
-            n = c.train_frames or c.frames
-            x = rollout(gen, y, n, c, grid.tolist(), True, exit_step=s, kv_grad=c.kv_grad,
-                        window=c.frames - c.chunk * c.restrict, grad_from=n - c.frames)
-            return x[:, n - c.frames:], y
+            # Sec. 3.4 `restrict`: a cache one chunk short, so the last chunk cannot see the first, as a
+            # chunk far past the training length cannot
+            return rollout(gen, y, c.frames, c, exit_step=s, window=c.frames - c.chunk * c.restrict), y
         x_real, y = data.batch(B)  # CausVid: one parallel pass from real-data context
         sigma, _ = chunk_sigmas(grid, B, c)
         x_t = add_noise(x_real, sigma, torch.randn_like(x_real))
-        with autocast(c):
-            v = causal_forward(gen, x_t, sigma, y, c, context, x_clean=x_real).float()
+        v = causal_forward(gen, x_t, sigma, y, c, context, x_clean=x_real)
         return x_t - sigma[..., None, None, None] * v, y
 
-    def watch(it):
-        """The EMA generator after `it` updates (0: the ODE init) on the evaluation set, with the training
-        RNG left untouched. DMD's generator and critic can chase each other; this is how to see it."""
-        s = score_now(c, ema, "few", c.frames * c.long, n_boot=1)
-        tqdm.write(f"[watch] update {it}: valid {s['all']['valid']:.3f}, quality at {c.long}x "
-                   f"{s['segments'][-1]['quality']:.3f}, speed ratio {s['all']['speed_ratio']:.2f}")
-
     def step(it):
-        if c.watch and it % c.watch == 0:
-            watch(it)
         # The critic must track the generator's current distribution, so it is updated first, more often,
         # each time on a fresh rollout: its flow-matching loss on generated videos makes critic(x_t) the
         # score of p_gen, just as the teacher's loss on real videos made it the score of p_data.
@@ -951,22 +879,21 @@ def distill(c, context):
             # Official: the critic learns at the noise levels DMD queries it at (score_sigma, mostly near 1).
             # critic_sigma=teacher trains it exactly as the teacher was (logit-normal levels) instead.
             sigma = (score_sigma if c.critic_sigma == "dmd" else clip_sigma)(c.batch, c, c.device)
-            with autocast(c):
-                lc = flow_matching_loss(critic, x.detach(), y, sigma)
-            optimize(opt_c, lc, critic, c.clip)
+            lc = flow_matching_loss(critic, x.detach(), y, sigma)
+            optimize(opt_c, lc, critic)
         # The generator update: one rollout with grad (Alg. 1), judged as a whole video by DMD.
         x, y = generate_train(c.batch)
         lg = dmd_loss(x, y, teacher, critic, c)
-        optimize(opt_g, lg, gen, c.clip)
+        optimize(opt_g, lg, gen)
         return {"dmd": lg, "critic": lc}
 
     train(c, distilled_name(c, context),
           {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c},
-          step, c.distill_iters, c.ema_distill)
+          step, c.distill_iters, EMA_DMD)
 
 
 # ####################################################################################################
-# 10. Evaluation: every method, same labels and seeds, 1x and long, own context vs real context
+# 10. Evaluation: every method, same labels and seeds, at 1x and far past the training length
 
 METHODS = [  # (checkpoint, label, sampler)
     ("teacher", "teacher (bidir, many-step)", "teacher"),
@@ -992,11 +919,11 @@ def nfe_per_frame(kind, c, n_frames):
 
 
 def eval_set(c, L):
-    """What every method is judged on: real videos of L frames (their labels are the prompts, their frames
-    the real context of the exposure-gap runs) and their mean speed. -> real (dict), y, v_real."""
-    real = toy_data.make_videos(c.n_eval, L, c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max),
-                                seed=10_000 + c.seed, gravity=c.gravity)
-    v_real = toy_data.real_speed(c.size, c.n_objects, c.radius, (c.speed_min, c.speed_max), gravity=c.gravity)
+    """What every method is judged on: real videos of L frames (their labels are the prompts) and the
+    real data's mean speed. -> real (dict), y, v_real."""
+    real = toy_data.make_videos(c.n_eval, L, c.size, c.n_objects, c.radius, speeds(c), seed=10_000 + c.seed,
+                                gravity=c.gravity)
+    v_real = toy_data.real_speed(c.size, c.n_objects, c.radius, speeds(c), gravity=c.gravity)
     return real, torch.from_numpy(real["labels"]).to(c.device), v_real
 
 
@@ -1007,119 +934,64 @@ def eval_noise(c, L):
     return torch.randn(c.n_eval, L, 3, c.size, c.size, device=c.device)
 
 
-def generate_all(model, kind, y, n_frames, c, noise, context=None, sink=None):
+def generate_all(model, kind, y, n_frames, c, noise, sink=0):
     """generate() over the whole evaluation set, 256 videos at a time. -> (n_eval, n_frames, ...) in [-1, 1]."""
-    return torch.cat([generate(model, kind, y[i:i + 256], n_frames, c, noise=noise[i:i + 256, :n_frames],
-                               context=None if context is None else context[i:i + 256], sink=sink)
+    return torch.cat([generate(model, kind, y[i:i + 256], n_frames, c, noise[i:i + 256, :n_frames], sink)
                       for i in range(0, len(y), 256)]).clamp(-1, 1)
 
 
-def score_eval(c, videos, real, v_real, **kw):
-    """toy_data's scores of videos (N, F, C, H, W) made for eval_set's labels, with this run's physics."""
-    return toy_data.score(videos, real["labels"], v_real, c.frames, c.n_objects, c.radius, chunk=c.chunk,
-                          gravity=c.gravity, **kw)
+def eval_runs(c, long):
+    """(checkpoint, label, sampler, sink) of every trained method; the long view adds Self Forcing with a
+    sink (its first chunk kept in the cache forever) and, if trained, with the Sec. 3.4 restriction."""
+    runs = [(n, label, kind, 0) for n, label, kind in METHODS if not (long and kind == "teacher")]
+    if long:
+        runs += [("sf", f"SF + sink of {c.chunk}", "few", c.chunk), ("sf_restrict", "SF, restricted", "few", 0)]
+    return [r for r in runs if os.path.exists(os.path.join(c.out, r[0] + ".pt"))]
 
 
-def score_now(c, model, kind, n_frames, n_boot=100):
-    """One model on the evaluation set, on eval's labels and noise (the numbers eval will print for it),
-    the random stream left as it was (training goes on bit-identically). -> toy_data.score's dict."""
-    L = c.frames * c.long
-    real, y, v_real = eval_set(c, L)
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if c.device.startswith("cuda") else []):
-        v = generate_all(model, kind, y, n_frames, c, eval_noise(c, L)).cpu().numpy()
-    return score_eval(c, v, real, v_real, n_boot=n_boot)
-
-
-def evaluate(c):
-    """Scores every trained method with toy_data's metrics; writes results.json / results.md and a GIF."""
-    L = c.frames * c.long
-    real, y, v_real = eval_set(c, L)
-    ctx = torch.from_numpy(real["videos"]).to(c.device)
-    sc = lambda v, n, ctx=None: score_eval(c, v[:, :n], real, v_real, context=ctx)  # noqa: E731
-    results = {"real": {"1x": sc(real["videos"], c.frames), "long": sc(real["videos"], L)}}
-    gifs = {"real": real["videos"][0]}  # one sample per method, side by side
-    for name, label, kind in METHODS:
-        path = os.path.join(c.out, name + ".pt")
-        if not os.path.exists(path):  # methods not trained yet are left out
-            continue
-        model = build(c, load(path, c, name)["ema"]).eval()
-        r = {"label": label, "nfe_per_frame": nfe_per_frame(kind, c, c.frames)}
-        generate(model, kind, y[:256], c.frames, c)  # untimed warm-up: first calls pay one-time costs
-        noise = eval_noise(c, L)  # (it comes before this re-seed, so the scored videos do not change: tested)
-        lengths = [("1x", c.frames)] + ([("long", L)] if kind != "teacher" else [])
-        for tag, n in lengths:
-            t0 = time.time()
-            vids = generate_all(model, kind, y, n, c, noise)
-            if c.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            r["ms_per_frame_" + tag] = 1000 * (time.time() - t0) / (c.n_eval * n)  # batched wall-clock
-            r[tag] = sc(vids.cpu().numpy(), n)
-            if tag == "long" or kind == "teacher":
-                gifs[name] = vids[0].cpu().numpy()
-        if kind != "teacher":  # the exposure gap: the same model, each chunk made from REAL earlier frames
-            vids = generate_all(model, kind, y, L, c, noise, context=ctx)
-            r["real_ctx"] = sc(vids.cpu().numpy(), L, real["videos"])  # motion judged vs real past
-            r["exposure_gap"] = r["real_ctx"]["all"]["quality"] - r["long"]["all"]["quality"]
-        results[name] = r
-        print(f"[eval] {label}: quality 1x {r['1x']['all']['quality']:.3f}"
-              + (f", {c.long}x {r['long']['all']['quality']:.3f}" if "long" in r else ""))
-    table = (f"Device {c.device}, n_eval={c.n_eval}, {c.frames} frames (1x), {L} ({c.long}x), chunk={c.chunk}. "
-             "Quality = valid x physics x speed score (1 is real data); [95% CI]. Exposure gap = quality with "
-             f"REAL context - quality with its OWN context ({c.long}x): what exposure bias costs.\n\n"
-             + toy_data.results_table(results, c.long))
-    write_results(c, "eval", "results", "compare.gif", table, results, gifs)
-    return results
-
-
-def write_results(c, tag, stem, gif, table, results, videos):
-    """<stem>.md (the table, also printed), <stem>.json (every number), <gif>: videos {name: (F, C, H, W)}
-    side by side."""
-    with open(os.path.join(c.out, stem + ".json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)  # numpy scalars as floats
-    with open(os.path.join(c.out, stem + ".md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    toy_data.write_gif(os.path.join(c.out, gif), [toy_data.to_uint8(v[None])[0] for v in videos.values()],
-                       [n.split(" (")[0].replace("_", "+") for n in videos])
-    print(f"[{tag}] wrote {c.out}/{stem}.md, {stem}.json, {gif}")
-
-
-# The long view (Sec. 3.4): own-context rollouts to 16x the training length with a cache of fixed size
-# (window frames, plus a sink if set), scored per segment of `frames` frames: where does each method break?
-
-def long_runs(c):
-    """(checkpoint, label, sampler, sink) of every autoregressive method and Self Forcing variant here."""
-    runs = [(n, lab, k, c.sink) for n, lab, k in METHODS if k != "teacher"]
-    for f in sorted(os.listdir(c.out)):  # SF trained with long rollouts / the restriction (distilled_name)
-        m = re.fullmatch(r"sf_(len(\d+))?_?(restrict)?\.pt", f)
-        if m and f != "sf.pt":
-            runs.append((f[:-3], "SF" + (f", {m[2]}-frame rollouts" if m[2] else "") +
-                         (", restricted" if m[3] else ""), "few", c.sink))
-    if c.sink == 0:  # the same SF generator, its first chunk kept in the cache forever
-        runs.append(("sf", f"SF + sink of {c.chunk}", "few", c.chunk))
-    return runs
-
-
-def evaluate_long(c, mult=16, at=(1, 4, 8, 16)):
-    """Quality of the segments ending at 1x, 4x, 8x and 16x; writes results_long.md/json, long.gif."""
+def evaluate(c, long=False):
+    """Scores every trained method with toy_data's metrics on the same labels and noise. The table: quality
+    at 1x and LONG x the training length (results.md/json, compare.gif), and one sample of each rolled out
+    to 16x for the figure (trails.png). long: quality per segment up to 16x (results_long.md/json)."""
+    mult = 16 if long else LONG
     L = c.frames * mult
     real, y, v_real = eval_set(c, L)
-    sc = lambda v: score_eval(c, v, real, v_real)  # noqa: E731
-    results, gifs = {"real": dict(label="real data", **sc(real["videos"]))}, {"real": real["videos"][0]}
-    for name, label, kind, sink in long_runs(c):
-        path = os.path.join(c.out, name + ".pt")
-        if not os.path.exists(path):
-            continue
-        model = build(c, load(path, c, name)["ema"]).eval()
-        vids = generate_all(model, kind, y, L, c, eval_noise(c, L), sink=sink).cpu().numpy()
-        results[f"{name}_sink{sink}"] = dict(label=label, **sc(vids))
-        gifs[label] = vids[0]
-        print(f"[long] {label}: quality per segment "
-              + " ".join(f"{s['quality']:.2f}" for s in results[f"{name}_sink{sink}"]["segments"]))
-    table = (f"Device {c.device}, n_eval={c.n_eval}, rollouts of {L} frames ({mult}x {c.frames}), chunk={c.chunk}, "
-             f"cache window {c.window or c.frames} frames. Quality of the segment of {c.frames} frames ending "
-             f"at Nx [95% CI]; drift = last segment - first.\n\n" + toy_data.long_table(results, at, mult))
-    write_results(c, "long", "results_long", "long.gif", table, results, gifs)
+    score = lambda v, n: toy_data.score(v[:, :n], real["labels"], v_real, c.frames, c.n_objects, c.radius,  # noqa
+                                        gravity=c.gravity)
+    results = {"real": {"label": "real data", "1x": score(real["videos"], c.frames), "long": score(real["videos"], L)}}
+    videos = {"real": real["videos"][0]}
+    trails = {"real": toy_data.make_videos(1, 16 * c.frames, c.size, c.n_objects, c.radius, speeds(c), c.seed,
+                                           real["labels"][:1], c.gravity)["videos"][0]}
+    for name, label, kind, sink in eval_runs(c, long):
+        model = build(c, load(os.path.join(c.out, name + ".pt"), c, name)["ema"]).eval()
+        n = c.frames if kind == "teacher" else L  # the bidirectional teacher makes one clip of its length
+        generate(model, kind, y[:256], c.frames, c)  # untimed warm-up: first calls pay one-time costs
+        noise = eval_noise(c, L)  # (after the warm-up: the scored videos do not depend on it, tested)
+        t0 = time.time()
+        vids = generate_all(model, kind, y, n, c, noise, sink)
+        if c.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        r = {"label": label, "nfe_per_frame": nfe_per_frame(kind, c, n),
+             "ms_per_frame": 1000 * (time.time() - t0) / (c.n_eval * n),  # batched wall-clock
+             "1x": score(vids.cpu().numpy(), c.frames)}  # a causal rollout's first frames: its 1x video
+        if kind != "teacher":
+            r["long"] = score(vids.cpu().numpy(), L)
+        results[name + (f"_sink{sink}" if sink else "")] = r
+        videos[name] = vids[0].cpu().numpy()
+        if not long and kind != "teacher":  # the figure: the first sample, rolled out to 16x
+            trails[label] = generate(model, kind, y[:1], 16 * c.frames, c, noise[:1].repeat(1, 4, 1, 1, 1))[0].cpu().numpy()
+        print(f"[eval] {label}: quality 1x {r['1x']['all']['quality']:.3f}"
+              + (f", {mult}x {r['long']['all']['quality']:.3f}" if "long" in r else ""))
+    head = (f"Device {c.device}, n_eval={c.n_eval}, {c.frames} frames (1x), {L} ({mult}x), chunk={c.chunk}, seed "
+            f"{c.seed}. Quality = valid x physics x speed score (1 is real data) [95% CI]")
+    if long:
+        table = head + f"; per segment of {c.frames} frames ending at Nx.\n\n" + toy_data.long_table(results, (1, 4, 8, 16))
+        toy_data.write_results(c.out, "results_long", table, results, videos, "long.gif")
+    else:
+        table = head + "; drift = last segment - first.\n\n" + toy_data.results_table(results, mult)
+        toy_data.write_results(c.out, "results", table, results, videos, "compare.gif")
+        toy_data.write_trails(os.path.join(c.out, "trails.png"), list(trails.values()), list(trails))
+        print(f"[eval] wrote {c.out}/trails.png: each object's column over {16 * c.frames} frames, time downwards")
     return results
 
 
@@ -1133,35 +1005,31 @@ def bench(c, mult=16, repeats=3):
     y = torch.zeros(c.n_eval, dtype=torch.long, device=c.device)
     cuda = c.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    elem = 2 if cuda and c.amp else 4  # bytes per cached number (bf16 under autocast)
     rows = []
     generate(model, "few", y, 2 * c.chunk, c)  # warm-up
     for cache in ("rolling", "growing"):
         for m in (1, mult):
             n = c.frames * m
-            window = (c.window or c.frames) if cache == "rolling" else n
             times = []
             for _ in range(repeats):
-                stats = {}
+                trace = {}
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 sync()
                 t0 = time.time()
                 with torch.no_grad():
-                    rollout(model, y, n, c, few_step_sigmas(c).tolist(), True, window=window, stats=stats)
+                    rollout(model, y, n, c, window=c.frames if cache == "rolling" else n, trace=trace)
                 sync()
                 times.append(time.time() - t0)
-            frames = max(len(s) for s in stats["seen"])  # frames attended by a chunk (cache + itself)
+            frames = max(len(s) for s in trace["seen"])  # frames attended by a chunk (cache + itself)
             rows.append(dict(cache=cache, length=f"{m}x", frames=n, ms_per_chunk=1000 * np.median(times) / (n // c.chunk),
-                             attended_frames=frames, kv_mb=2 * c.depth * c.n_eval * frames * model.N * c.width * elem / 2**20,
+                             attended_frames=frames, kv_mb=2 * c.depth * c.n_eval * frames * model.N * c.width * 4 / 2**20,
                              peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
                              video_mb=c.n_eval * n * 3 * c.size ** 2 * 4 / 2**20))  # the output it returns
-    table = (f"Device {c.device}, batch {c.n_eval}, {c.few_steps}-step rollout, chunk {c.chunk}, window "
-             f"{c.window or c.frames} frames; median of {repeats} runs.\n\n" + toy_data.bench_table(rows, mult, cuda)
+    table = (f"Device {c.device}, batch {c.n_eval}, {c.few_steps}-step rollout, chunk {c.chunk}, window {c.frames} "
+             f"frames; median of {repeats} runs.\n\n" + toy_data.bench_table(rows, mult, cuda)
              + "\n\nThe peak includes the video the rollout returns (held twice while its chunks are concatenated).")
-    print(table)
-    with open(os.path.join(c.out, "bench.md"), "w") as f:
-        f.write(table + "\n")
+    toy_data.write_results(c.out, "bench", table, rows)
     return rows
 
 
@@ -1193,9 +1061,7 @@ STAGES = {
     "diffusion": "many-step causal baseline by flow matching: --context tf | df",
     "distill": "DMD few-step generator: --context self (Self Forcing) | tf | df (CausVid-style)",
     "sample": "write samples_MODEL.npz (videos uint8 (N,F,H,W,3), labels) and a GIF: --model NAME",
-    "eval": "score every trained method at 1x and long, with real-context exposure gap",
-    "long": "rolling-cache rollouts to 16x: quality per segment of every AR method (results_long.md)",
-    "bench": "per-chunk time and memory at 1x and 16x: rolling cache vs a growing one (bench.md)",
+    "eval": "score every trained method at 1x and 4x; --long: per segment to 16x; --bench: cache cost",
 }
 
 
@@ -1208,9 +1074,11 @@ def parse(argv):
     p.add_argument("--preset", default="cpu", choices=list(PRESETS))
     p.add_argument("--fresh", action="store_true", help="retrain this stage even if a checkpoint exists")
     p.add_argument("--context", default=None, help="tf | df for diffusion; self | tf | df for distill")
-    p.add_argument("--model", default="sf", help="checkpoint to sample from")
-    p.add_argument("--n", type=int, default=16, help="samples to write")
-    p.add_argument("--n_frames", type=int, default=0, help="frames to sample (default: frames)")
+    p.add_argument("--model", default="sf", help="sample: the checkpoint to sample from")
+    p.add_argument("--n", type=int, default=16, help="sample: videos to write")
+    p.add_argument("--n_frames", type=int, default=0, help="sample: frames per video (default: frames)")
+    p.add_argument("--long", action="store_true", help="eval: rollouts to 16x, quality per segment")
+    p.add_argument("--bench", action="store_true", help="eval: per-chunk time and memory, rolling vs growing cache")
     notes = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(Config), re.M))  # field comments
     for f in dataclasses.fields(Config):
         typ = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else \
@@ -1274,8 +1142,8 @@ def main(argv=None):
             print(f"[demo] done in {time.time() - t0:.0f}s")
         elif args.stage == "sample":
             sample_stage(c, args)
-        elif args.stage in ("eval", "long", "bench"):
-            {"eval": evaluate, "long": evaluate_long, "bench": bench}[args.stage](c)
+        elif args.stage == "eval":
+            bench(c) if args.bench else evaluate(c, args.long)
         else:
             run_stage(c, args.stage, args.context, args.fresh)
     except UserError as e:

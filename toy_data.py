@@ -15,7 +15,7 @@ and compare. Validity = the object is there, has the right mass, and nothing is 
 follow the data's physics (constant velocity, or gravity) with bounces, at the speed of real data (a
 frozen video scores 0). Semantics = the best-fitting shape family is the label.
 
-Also here, as non-paper code: the side-by-side GIF writer and the markdown tables of the results.
+Also here, as non-paper code: the side-by-side GIF, the trails figure, the markdown tables of the results.
 """
 import numpy as np
 
@@ -207,20 +207,10 @@ def _nanmean(a, axis):
     return np.where(n > 0, np.nansum(a, axis) / np.maximum(n, 1), np.nan)
 
 
-def frame_stats(videos, labels, n_objects=3, radius=3.5, context=None, chunk=1, gravity=0.0):
-    """Per frame and object: the analysis, speed and physics consistency (see analyse and motion).
-    context (N, F, 3, H, W): the frames each chunk of `chunk` frames was conditioned on (real frames in a
-    teacher-forced evaluation): the motion of chunk i is judged from the context frames before it, so a
-    chunk that does not continue its context is penalised, and independent chunks are never compared."""
+def frame_stats(videos, labels, n_objects=3, radius=3.5, gravity=0.0):
+    """Per frame and object: the analysis, speed and physics consistency (see analyse and motion)."""
     a = analyse(videos, labels, n_objects, radius)
     speed, phys = motion(a["centroid"], a["valid"], videos.shape[-1], radius, gravity)
-    if context is not None:
-        b = analyse(context, labels, n_objects, radius)
-        for f0 in range(chunk, videos.shape[1], chunk):
-            cen = np.concatenate([b["centroid"][:, :f0], a["centroid"][:, f0:f0 + chunk]], 1)
-            ok = np.concatenate([b["valid"][:, :f0], a["valid"][:, f0:f0 + chunk]], 1)
-            sp, ph = motion(cen, ok, videos.shape[-1], radius, gravity)
-            speed[:, f0:f0 + chunk], phys[:, f0:f0 + chunk] = sp[:, f0:], ph[:, f0:]
     return a, speed, phys
 
 
@@ -245,12 +235,11 @@ def summarise(pv, real_speed):
                 speed_ratio=ratio, semantic=np.nanmean(pv["semantic"]) if np.any(~np.isnan(pv["semantic"])) else 0.0)
 
 
-def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=100, seed=0, context=None,
-          chunk=1, gravity=0.0):
+def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=100, seed=0, gravity=0.0):
     """Score videos (N, F, 3, H, W) per segment of `segment` frames. Returns a dict:
     segments: list of summaries (each metric with a 95% bootstrap CI as (lo, hi) under key+'_ci'),
     all: the summary over every frame; drift: quality(last segment) - quality(first) with its CI.
-    context, chunk, gravity: see frame_stats and motion."""
+    gravity: see motion."""
     N, F = videos.shape[:2]
     rng = np.random.default_rng(seed)
     boots = [rng.integers(0, N, N) for _ in range(n_boot)]
@@ -263,7 +252,7 @@ def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=1
         return s, bs
 
     out, seg_boot = dict(segments=[]), []
-    stats = frame_stats(videos, labels, n_objects, radius, context, chunk, gravity)  # once; segments slice it
+    stats = frame_stats(videos, labels, n_objects, radius, gravity)  # once; segments slice it
     # a segment's motion uses the frames just before it, so that every transition is judged once
     for i in range(0, F, segment):
         s, bs = with_ci(per_video(stats, labels, slice(i, min(i + segment, F))))
@@ -351,29 +340,25 @@ def _ci(s, k="quality"):
 
 
 def results_table(results, long):
-    """One row per method of self_forcing.evaluate's results (1x, `long`x, drift, real context, gap)."""
+    """One row per method of self_forcing.evaluate's results: cost, quality at 1x and `long`x, drift."""
     lines = [f"| method | NFE/frame | ms/frame | quality 1x | quality {long}x | speed ratio {long}x | valid {long}x "
-             f"| drift {long}x (last-first seg) | quality, real context {long}x | exposure gap |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| drift {long}x |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lg = r.get("long")
-        if name == "real":
-            lines.append(f"| real data | - | - | {_ci(r['1x']['all'])} | {_ci(lg['all'])} | "
-                         f"{lg['all']['speed_ratio']:.2f} | {lg['all']['valid']:.3f} | {lg['drift']:+.3f} | - | - |")
-            continue
-        lines.append(f"| {r['label']} | {r['nfe_per_frame']:.1f} | {r['ms_per_frame_1x']:.2f} | {_ci(r['1x']['all'])} | "
-                     + (f"{_ci(lg['all'])} | {lg['all']['speed_ratio']:.2f} | {lg['all']['valid']:.3f} | "
-                        f"{lg['drift']:+.3f} [{lg['drift_ci'][0]:+.2f}, {lg['drift_ci'][1]:+.2f}] | "
-                        f"{_ci(r['real_ctx']['all'])} | {r['exposure_gap']:+.3f} |" if lg else
-                        "- | - | - | - | - | - |"))
+        cost = "- | -" if name == "real" else f"{r['nfe_per_frame']:.1f} | {r['ms_per_frame']:.2f}"
+        lines.append(f"| {r['label']} | {cost} | {_ci(r['1x']['all'])} | " + (
+            f"{_ci(lg['all'])} | {lg['all']['speed_ratio']:.2f} | {lg['all']['valid']:.3f} | {lg['drift']:+.3f} "
+            f"[{lg['drift_ci'][0]:+.2f}, {lg['drift_ci'][1]:+.2f}] |" if lg else "- | - | - | - |"))
     return "\n".join(lines)
 
 
-def long_table(results, at, mult):
+def long_table(results, at):
     """Quality of the segments ending at each of `at` (x the training length), then speed, validity, drift."""
+    mult = at[-1]
     lines = ["| method | " + " | ".join(f"quality {a}x" for a in at) + f" | speed ratio {mult}x | valid {mult}x "
              f"| drift {mult}x |", "|---" * (len(at) + 4) + "|"]
     for r in results.values():
+        r = dict(r["long"], label=r["label"])
         last = r["segments"][-1]
         lines.append(f"| {r['label']} | " + " | ".join(_ci(r["segments"][a - 1]) for a in at)
                      + f" | {last['speed_ratio']:.2f} | {last['valid']:.3f} | {r['drift']:+.3f} "
@@ -393,3 +378,33 @@ def bench_table(rows, mult, cuda):
         lines.append(f"\n{cache}: {mult}x / 1x per-chunk time {b['ms_per_chunk'] / a['ms_per_chunk']:.2f}, "
                      f"KV cache {b['kv_mb'] / a['kv_mb']:.2f}" + (f", peak memory {b['peak_mb'] / a['peak_mb']:.2f}" if cuda else ""))
     return "\n".join(lines)
+
+
+def write_results(out, stem, table, results, videos=None, gif=None):
+    """<stem>.md (the table, also printed), <stem>.json (every number) and, with videos {name: (F, C, H, W)},
+    <gif>: the videos side by side."""
+    import json
+    import os
+    with open(os.path.join(out, stem + ".json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)  # numpy scalars as floats
+    with open(os.path.join(out, stem + ".md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    if videos:
+        write_gif(os.path.join(out, gif), [to_uint8(v[None])[0] for v in videos.values()],
+                  [n.split(" (")[0].replace("_", "+") for n in videos])
+    print(f"wrote {out}/{stem}.md, {stem}.json" + (f", {gif}" if videos else ""))
+
+
+def write_trails(path, videos, captions, scale=6):
+    """The figure: for each video (F, 3, H, W), each column's brightest pixel in every frame, time going
+    down: an object moving sideways draws a slanted line that folds at the walls, a slowing one a
+    steepening line, a frozen one a vertical line, a vanishing one a line that ends. Side by side, a PNG."""
+    import imageio
+    panels = []
+    for v, c in zip(videos, captions):
+        img = to_uint8(v.max(2, keepdims=True)[None])[0][:, 0]  # (F, W, 3): the max over rows
+        img = np.kron(img, np.ones((scale, scale, 1), np.uint8))
+        cap = np.repeat(caption(c.split(" (")[0], img.shape[1] // 2, 2)[..., None], 3, -1)  # text at 2x
+        panels += [np.concatenate([cap, img], 0), np.full((img.shape[0] + cap.shape[0], 6, 3), 64, np.uint8)]
+    imageio.imwrite(path, np.concatenate(panels[:-1], 1))
