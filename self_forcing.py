@@ -4,10 +4,8 @@ Huang, Li, He, Zhou, Shechtman, "Self Forcing: Bridging the Train-Test Gap in Au
 Diffusion", arXiv 2506.08009 (2025). Re-derived at toy scale on synthetic moving-shape videos
 (toy_data.py); no code copied, nothing downloaded.
 
-    python self_forcing.py                        # the demo: every stage on the cpu preset, then the table
-    python self_forcing.py teacher --preset gpu   # one stage; `--help` lists stages and fields
-    python self_forcing.py eval --long            # every AR method rolled out to 16x the training length
-    python self_forcing.py --exit_step=last       # any config field is a flag
+    python self_forcing.py                       # the demo: every stage on the cpu preset, then the table
+    python self_forcing.py teacher --preset gpu  # one stage; `--help` lists the stages and every field's flag
 
 The story. An autoregressive (AR) video model makes chunk i conditioned on chunks < i. Trained with
 teacher forcing (TF: the context is real, clean frames) or diffusion forcing (DF: the context is real,
@@ -50,9 +48,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
@@ -64,7 +60,7 @@ import toy_data
 # ####################################################################################################
 # 1. Config and presets
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # data (toy_data.py)
     size: int = 16  # frame height = width in pixels
@@ -104,7 +100,6 @@ class Config:
     device: str = "auto"  # auto = cuda, else mps, else cpu
     out: str = ""  # run folder; "" = runs/<preset> (runs/<preset>_gravity with gravity)
 
-
 # Fixed by the paper's official code or by this toy, not worth a flag each:
 SHIFT = 5.0  # time shift k: sigma' = k sigma / (1 + (k-1) sigma) (Wan / official)
 HEADS = 4  # attention heads
@@ -126,32 +121,26 @@ PRESETS = {
 }
 # What a stage's checkpoint is made from: the model, its own and its upstream stages' settings (not its own step
 # count: more steps resume it). A finished checkpoint is reused only by a run that would make the same one.
-_teacher = ("size", "patch", "width", "depth", "gravity", "n_objects", "radius", "speed", "frames", "seed",
-            "batch", "lr")
-_diffusion = _teacher + ("teacher_iters", "chunk")
-_ode = _diffusion + ("diffusion_iters", "few_steps", "euler_steps", "cfg", "ode_teacher")
+MODEL_FIELDS = ("size", "patch", "width", "depth", "gravity")  # what any checkpoint must agree on to be loaded
+_teacher = MODEL_FIELDS + ("n_objects", "radius", "speed", "frames", "seed", "batch", "lr")
+_ode = _teacher + ("teacher_iters", "chunk", "diffusion_iters", "few_steps", "euler_steps", "cfg", "ode_teacher")
 _dmd = _ode + ("ode_iters", "critic_ratio", "lr_gen", "lr_critic", "real_cfg", "critic_sigma")
-STAGE_FIELDS = {"teacher": _teacher, "tf": _diffusion, "df": _diffusion, "ode": _ode, "tf_dmd": _dmd,
-                "df_dmd": _dmd, "sf": _dmd + ("kv_grad", "exit_step", "restrict")}
-MODEL_FIELDS = _teacher[:5]  # what any checkpoint must agree on to be loaded at all
-
+STAGE_FIELDS = {"teacher": _teacher, "tf": _ode[:14], "df": _ode[:14], "ode": _ode, "tf_dmd": _dmd, "df_dmd": _dmd,
+                "sf": _dmd + ("kv_grad", "exit_step", "restrict")}
 
 class UserError(Exception):
     """Bad input: printed as one line, exit code 2, nothing destroyed."""
 
-
 def check_config(c):
     """Bad values end the run with one clear line (see main): each rule is (broken?, what to say)."""
     for f in ("size", "patch", "width", "depth", "frames", "chunk", "few_steps", "euler_steps", "batch",
-              "teacher_iters", "critic_ratio", "n_eval"):
+              "teacher_iters", "critic_ratio", "n_eval"):  # first: the rules below divide by some of these
         if getattr(c, f) < 1:
             raise UserError(f"{f}={getattr(c, f)} must be at least 1")
     choices = dict(ode_teacher=("tf", "bidir"), critic_sigma=("dmd", "teacher"), kv_grad=("detach", "st"),
                    exit_step=("random", "last"))
-    for f, ok in choices.items():
-        if getattr(c, f) not in ok:
-            raise UserError(f"{f}={getattr(c, f)!r}: choose {' or '.join(ok)}")
-    rules = [
+    rules = [(getattr(c, f) not in ok, f"{f}={getattr(c, f)!r}: choose {' or '.join(ok)}") for f, ok in choices.items()]
+    rules += [
         (c.size % c.patch, f"size={c.size} is not a multiple of patch={c.patch}"),
         (c.width % (8 * HEADS), f"width={c.width} must be a multiple of {8 * HEADS} ({HEADS} heads, 3D RoPE)"),
         (c.frames % c.chunk, f"frames={c.frames} is not a multiple of chunk={c.chunk}"),
@@ -159,12 +148,10 @@ def check_config(c):
         (c.n_objects not in (1, 2, 3), "n_objects must be 1, 2 or 3 (one object per colour channel)"),
         (c.restrict and c.frames < 2 * c.chunk, "restrict needs at least two chunks per clip"),
         (not c.speed > 0, f"speed={c.speed} must be > 0"),
-        (c.gravity < 0, f"gravity={c.gravity} must be >= 0 (y grows downwards: > 0 falls)"),
-    ]
+        (c.gravity < 0, f"gravity={c.gravity} must be >= 0 (y grows downwards: > 0 falls)")]
     for broken, message in rules:
         if broken:
             raise UserError(message)
-
 
 def speeds(c):
     """The data's speed range in px/frame."""
@@ -182,28 +169,23 @@ def shift(sigma, k=SHIFT):
     """Time shift (SD3 / Wan): spends more steps at high noise. shift(0) = 0, shift(1) = 1."""
     return k * sigma / (1 + (k - 1) * sigma)
 
-
 def euler_sigmas(c):
     """(euler_steps + 1,) sigmas from 1 to 0 for the many-step samplers."""
     return shift(torch.linspace(1, 0, c.euler_steps + 1))
-
 
 def few_step_sigmas(c):
     """(K,) the generator's grid: uniform [1, .75, .5, .25] shifted -> [1, .9375, .8333, .625] for k=5.
     It lies on the Euler grid (euler_steps is a multiple of K), so ODE pairs can be read off it."""
     return shift(torch.linspace(1, 0, c.few_steps + 1)[:-1])
 
-
-def sample_sigma(*shape, device):
-    """Training noise levels: logit-normal (SD3), dense in the middle."""
-    return torch.sigmoid(torch.randn(*shape, device=device))
-
+def sample_sigma(B, n, c):
+    """(B, n) training noise levels: logit-normal (SD3), dense in the middle."""
+    return torch.sigmoid(torch.randn(B, n, device=c.device))
 
 def clip_sigma(B, c, device):
-    """(B, frames): one logit-normal level per clip, how the bidirectional teacher is trained (and the DMD
-    critic with critic_sigma=teacher, section 9)."""
-    return sample_sigma(B, 1, device=device).expand(-1, c.frames)
-
+    """(B, frames): one level per clip, how the bidirectional teacher is trained (and the critic with
+    critic_sigma=teacher, section 9)."""
+    return sample_sigma(B, 1, c).expand(-1, c.frames)
 
 def add_noise(x0, sigma, eps):
     """x_t = (1 - sigma) x0 + sigma eps. x0, eps (B, F, C, H, W); sigma (B, F)."""
@@ -235,13 +217,11 @@ def rope(pos, dim, n, xy=True, theta=10000.0):
     ang = torch.cat(ang, -1).reshape(-1, dim // 2)
     return ang.cos(), ang.sin()
 
-
 def apply_rope(x, cs):
     """Rotate pairs (x1, x2) of x (B, nh, L, hd) by the angles of cs."""
     cos, sin = cs
     x1, x2 = x.float().chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
-
 
 # The three attention patterns of the paper's Fig. 2, as FRAME-level boolean masks (expanded to tokens in
 # DiT.forward). Full attention (mask None) is the teacher and the critic. The block-causal mask trains TF,
@@ -260,7 +240,6 @@ def block_causal_mask(n_frames, chunk, window=0, sink=0, device="cpu"):
         m = m & ((j >= end - (window - sink)) | (j < sink))
     return m
 
-
 def teacher_forcing_mask(n_frames, chunk, device="cpu"):
     """(2F, 2F) bool for the sequence [clean frames | noisy frames] (Fig. 2a): clean frames are block-
     causal among themselves; a noisy chunk sees the CLEAN earlier chunks and its own noisy chunk only."""
@@ -271,12 +250,6 @@ def teacher_forcing_mask(n_frames, chunk, device="cpu"):
     top = torch.cat([bc, torch.zeros_like(bc)], 1)
     bottom = torch.cat([earlier, same], 1)
     return torch.cat([top, bottom], 0)
-
-
-def frames_to_tokens(mask, n):
-    """(Fq, Fk) frame mask -> (Fq*N, Fk*N) token mask."""
-    return mask.repeat_interleave(n, 0).repeat_interleave(n, 1)
-
 
 class Attention(nn.Module):
     def __init__(self, D, nh, layer):
@@ -298,7 +271,6 @@ class Attention(nn.Module):
         o = Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, L, hd)
         return self.proj(o.transpose(1, 2).reshape(B, L, D))
 
-
 class Block(nn.Module):
     """DiT block with adaLN-Zero; the modulation is per FRAME (each frame has its own noise level)."""
 
@@ -319,7 +291,6 @@ class Block(nn.Module):
         h = (self.norm1(x) * (1 + sc1) + sh1).reshape(B, F * N, D)
         x = x + g1 * self.attn(h, cs, mask, cache).view(B, F, N, D)
         return x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2)
-
 
 class DiT(nn.Module):
     """Video DiT: patchify each frame, per-frame (sigma, label) adaLN, spatial position embedding inside
@@ -362,14 +333,13 @@ class DiT(nn.Module):
         # conditioning per FRAME: its own noise level (DF and the rollout mix levels) + the clip's label
         c = self.t_mlp(torch.cat([te.sin(), te.cos()], -1)) + self.y_emb(y)[:, None]  # (B, F, D)
         cs = rope(pos, self.hd, n)  # (F*N, hd/2)
-        tmask = None if mask is None else frames_to_tokens(mask, self.N)
+        tmask = None if mask is None else mask.repeat_interleave(self.N, 0).repeat_interleave(self.N, 1)
         for blk in self.blocks:
             h = blk(h, c, cs, tmask, cache)
         # final adaLN and linear head back to pixels (zero-initialised: the untrained model predicts v = 0)
         shf, scl = self.ada(c)[:, :, None].chunk(2, -1)
         out = self.head(self.norm(h) * (1 + scl) + shf)  # (B, F, N, C p p)
         return out.view(B, F, n, n, C, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, F, C, H, W)
-
 
 # Classifier-free guidance doubles the batch: the conditional and the unconditional halves share one
 # forward and, in a rollout, one KV cache of batch 2B. Both halves cache the SAME context frames (the
@@ -440,10 +410,8 @@ class KVCache:
 
 def save(path, obj):
     """Atomic: write a temp file, then rename, so an interrupted save never corrupts a checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 def load(path, c, what, finished=True, fields=MODEL_FIELDS):
     """A checkpoint for a later stage (or, finished=False, for resuming its own), made with this run's
@@ -464,52 +432,40 @@ def load(path, c, what, finished=True, fields=MODEL_FIELDS):
                             "settings, --fresh to retrain it, or another --out for a variant)")
     return ck
 
-
 def build(c, state=None):
     model = DiT(c).to(c.device)
     if state is not None:
         model.load_state_dict(state)
     return model
 
-
 def ema_update(ema, model, decay, step):
     decay = min(decay, (1 + step) / (10 + step))  # warm-up: early weights must not linger in the average
     with torch.no_grad():  # one fused kernel per tensor list, not one per parameter
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
-
-def train(c, name, nets, step_fn, iters, ema_decay=None):
-    """Generic loop: nets = {"model": m, ...} trained by step_fn(it) -> dict of loss tensors (it does its own
-    optimizer steps). EMA of nets["model"] into nets["ema"]. Resumes from runs/.../name.pt if unfinished;
-    a finished stage is reused. A NaN/Inf loss stops with the last good checkpoint kept."""
-    # A stage is a checkpoint file: its step counter says whether it is finished (reuse it), unfinished
-    # (resume it: an interrupted run loses at most CKPT_EVERY steps) or missing (start from scratch).
-    path = os.path.join(c.out, name + ".pt")
-    start = 0
+def train(c, name, nets, step_fn, iters, ema_decay):
+    """Generic loop: step_fn(it) -> dict of loss tensors (it steps its own optimizers), then the EMA of
+    nets["model"] into nets["ema"]. A stage is a checkpoint file: finished, it is reused; unfinished, it is
+    resumed (losing at most CKPT_EVERY steps); either only by a run that would make the same checkpoint.
+    A NaN/Inf loss stops the stage with the last good checkpoint kept."""
+    path, start, cuda = os.path.join(c.out, name + ".pt"), 0, c.device.startswith("cuda")
     if os.path.exists(path):
-        # reused or resumed only if this run would make the same checkpoint (Self Forcing's variants are sf's)
         ck = load(path, c, name, False, STAGE_FIELDS["sf" if name.startswith("sf") else name])
         start = ck["step"]
         if start > iters:
             raise UserError(f"checkpoint {path} was made with {start} steps, this run asks for {iters} steps "
                             "(--fresh to retrain it, or another --out for a variant)")
-        if start >= iters:  # later stages read only its "ema" weights
-            print(f"[{name}] reusing finished checkpoint {path} ({start} steps)")
-            return
+        if start == iters:  # later stages read only its "ema" weights
+            return print(f"[{name}] reusing finished checkpoint {path} ({start} steps)")
         for k, m in nets.items():
             m.load_state_dict(ck[k])
-        if "rng" in ck:  # continue the random draws where they stopped: resumed == uninterrupted (tested)
-            torch.set_rng_state(ck["rng"]["cpu"])
-            if "cuda" in ck["rng"] and c.device.startswith("cuda"):
-                torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        torch.set_rng_state(ck["rng"]["cpu"])  # the random draws go on where they stopped (tested)
+        if cuda:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"])
         print(f"[{name}] resuming from step {start}")
-
-    def checkpoint(step):
-        rng = {"cpu": torch.get_rng_state()}
-        if c.device.startswith("cuda"):
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save(path, {"config": dataclasses.asdict(c), "step": step, "iters": iters, "rng": rng,
-                    **{k: m.state_dict() for k, m in nets.items()}})
+    checkpoint = lambda step: save(path, {  # noqa: E731
+        "config": dataclasses.asdict(c), "step": step, "iters": iters, **{k: m.state_dict() for k, m in nets.items()},
+        "rng": {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}})
 
     t0, bar = time.time(), tqdm(range(start, iters), desc=name, dynamic_ncols=True, mininterval=1)
     avg, shown, t_read = {}, {}, t0
@@ -518,8 +474,7 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
         for k, v in losses.items():  # so they are averaged where they are, and read about once a second
             v = v.detach()
             avg[k] = v if k not in avg else 0.98 * avg[k] + 0.02 * v  # a NaN, once in, stays in
-        if ema_decay is not None:
-            ema_update(nets["ema"], nets["model"], ema_decay, it)
+        ema_update(nets["ema"], nets["model"], ema_decay, it)
         save_now = (it + 1) % CKPT_EVERY == 0 or it + 1 == iters
         if save_now or time.time() > t_read + 1:  # always before a checkpoint: a NaN never gets saved
             shown, t_read = {k: v.item() for k, v in avg.items()}, time.time()
@@ -532,7 +487,6 @@ def train(c, name, nets, step_fn, iters, ema_decay=None):
     print(f"[{name}] done: {iters - start} steps in {time.time() - t0:.0f}s, "
           + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
-
 def optimize(opt, loss, model):
     """One update: backward, clip the gradient norm (official: 10), step."""
     opt.zero_grad(set_to_none=True)
@@ -540,11 +494,9 @@ def optimize(opt, loss, model):
     nn.utils.clip_grad_norm_(model.parameters(), CLIP)
     opt.step()
 
-
 def adamw(params, lr, betas=(0.9, 0.999)):
     params = list(params)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.01, fused=params[0].is_cuda)
-
 
 class Data:
     """Real training clips, generated once (toy_data) and kept on the device; random flips and time
@@ -564,15 +516,14 @@ class Data:
         rev = torch.rand(B, device=x.device) < 0.5
         return torch.where(rev[:, None, None, None, None], x.flip(1), x), self.y[i]
 
-
-def drop_labels(y, p, n_classes):
-    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, n_classes), y)
-
+def drop_labels(y):
+    """Label dropout: the "no label" class (the last) with probability P_UNCOND, so that CFG exists."""
+    return torch.where(torch.rand(y.shape, device=y.device) < P_UNCOND, len(toy_data.SHAPES), y)
 
 def flow_matching_loss(model, x0, y, sigma, **kw):
     """E || v_theta(x_t, sigma) - (eps - x0) ||^2 over all frames. sigma (B, F)."""
     eps = torch.randn_like(x0)
-    return Fn.mse_loss(model(add_noise(x0, sigma, eps), sigma, y, **kw).float(), (eps - x0).float())
+    return Fn.mse_loss(model(add_noise(x0, sigma, eps), sigma, y, **kw), eps - x0)
 
 
 # ####################################################################################################
@@ -584,36 +535,32 @@ def flow_matching_loss(model, x0, y, sigma, **kw):
 
 def train_teacher(c):
     data, model = Data(c), build(c)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = adamw(model.parameters(), c.lr)
+    ema, opt = copy.deepcopy(model).requires_grad_(False), adamw(model.parameters(), c.lr)
 
     def step(it):
         x0, y = data.batch(c.batch)
         sigma = clip_sigma(c.batch, c, c.device)
-        loss = flow_matching_loss(model, x0, drop_labels(y, P_UNCOND, model.n_classes), sigma)
-        optimize(opt, loss, model)
+        optimize(opt, loss := flow_matching_loss(model, x0, drop_labels(y), sigma), model)
         return {"loss": loss}
 
     train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, step, c.teacher_iters, EMA)
-
 
 # The teacher samples the whole clip at once: Euler steps along the flow, x <- x + (sigma' - sigma) v,
 # from sigma = 1 (noise) to 0 (data), on the shifted grid. Recording x at every (euler_steps / K)-th step
 # gives the ODE pairs, because the few-step grid is the shifted uniform grid too (tested).
 
 @torch.no_grad()
-def sample_teacher(model, c, y, n_frames, record=None):
-    """Euler ODE sampler with CFG over the whole clip (bidirectional). record: list of Euler indices
-    whose x_t to return too (the ODE pairs). -> x0 (B, F, C, H, W) [, {index: x_t}]."""
+def sample_teacher(model, c, y, n_frames, trace=None):
+    """Euler ODE sampler with CFG over the whole clip (bidirectional). -> x0 (B, F, C, H, W). trace: as
+    rollout's, with the whole clip as its one chunk: trace["inputs"] = [[x at every Euler step]]."""
     B, sig = len(y), euler_sigmas(c).to(c.device)
-    x = torch.randn(B, n_frames, 3, c.size, c.size, device=c.device)
-    traj = {}
+    x, inputs = torch.randn(B, n_frames, 3, c.size, c.size, device=c.device), []
     for i in range(c.euler_steps):
-        if record is not None and i in record:
-            traj[i] = x.clone()
-        v = guided(model, x, sig[i].expand(B, n_frames), y, c.cfg).float()
-        x = x + (sig[i + 1] - sig[i]) * v
-    return (x, traj) if record is not None else x
+        inputs.append(x)
+        x = x + (sig[i + 1] - sig[i]) * guided(model, x, sig[i].expand(B, n_frames), y, c.cfg)
+    if trace is not None:
+        trace["inputs"] = [inputs]
+    return x
 
 
 # ####################################################################################################
@@ -624,7 +571,6 @@ def chunk_sigmas(sig_choices, B, c):
     n = c.frames // c.chunk
     idx = torch.randint(len(sig_choices), (B, n), device=sig_choices.device)
     return sig_choices[idx].repeat_interleave(c.chunk, 1), idx.repeat_interleave(c.chunk, 1)
-
 
 def causal_forward(model, x_noisy, sigma, y, c, context, x_clean=None):
     """The parallel (training) forward of a causal student -> v for the noisy frames (B, F, C, H, W).
@@ -637,7 +583,6 @@ def causal_forward(model, x_noisy, sigma, y, c, context, x_clean=None):
     v = model(torch.cat([x_clean, x_noisy], 1), torch.cat([torch.zeros_like(sigma), sigma], 1), y,
               pos=pos, mask=teacher_forcing_mask(F, c.chunk, device=c.device))
     return v[:, F:]
-
 
 # Why an ODE init: DMD needs a generator that already produces roughly the right videos in 4 steps, or the
 # critic and the real score disagree everywhere. Regressing the causal student onto a teacher's
@@ -653,36 +598,27 @@ def ode_trajectories(c, teacher, y):
     """One batch of ODE pairs -> xs (B, K, F, C, H, W), the states at the few-step grid's sigmas along
     the teacher's Euler trajectories, and x0 (B, F, C, H, W), their clean ends. bidir: the teacher samples
     the whole clip at once; tf: the TF model samples it chunk by chunk, its context its own clean chunks."""
-    keep = range(0, c.euler_steps, c.euler_steps // c.few_steps)  # few-step sigma k = Euler index k * stride
+    trace = {"inputs": []}  # per chunk, its input x at every Euler step
     if c.ode_teacher == "bidir":
-        x0, traj = sample_teacher(teacher, c, y, c.frames, record=keep)
+        x0 = sample_teacher(teacher, c, y, c.frames, trace)
     else:
-        trace = {"inputs": []}  # per chunk, its input x at every Euler step
         x0 = rollout(teacher, y, c.frames, c, "euler", trace=trace)
-        traj = {i: torch.cat([steps[i] for steps in trace["inputs"]], 1) for i in keep}
-    return torch.stack([traj[i] for i in keep], 1), x0
-
+    keep = range(0, c.euler_steps, c.euler_steps // c.few_steps)  # few-step sigma k = Euler index k * stride
+    return torch.stack([torch.cat([steps[i] for steps in trace["inputs"]], 1) for i in keep], 1), x0
 
 def train_ode(c):
     """CausVid / Self Forcing init: regress the block-causal student onto a teacher's ODE solution.
     Pairs: x at the few-step grid's sigmas along teacher trajectories -> the trajectory's clean end."""
     name, stage = ("teacher", "teacher") if c.ode_teacher == "bidir" else ("tf", "diffusion --context tf")
     teacher = build(c, load(os.path.join(c.out, name + ".pt"), c, stage)["ema"]).eval()
-    # The pairs are saved before the stage's first checkpoint, and read, like one, only by a run under the
-    # settings that made them (a stopped `ode` run leaves them behind; --fresh remakes them).
-    path = os.path.join(c.out, "ode_pairs.pt")
-    if not os.path.exists(path):
-        g = torch.Generator().manual_seed(c.seed + 7)
-        y = torch.randint(0, teacher.n_classes, (16 * c.batch,), generator=g).to(c.device)
-        batches = range(0, len(y), 256)
-        xs, x0s = zip(*[ode_trajectories(c, teacher, y[i:i + 256]) for i in tqdm(batches, desc="ode pairs")])
-        save(path, {"config": dataclasses.asdict(c), "xs": torch.cat(xs).cpu(), "x0": torch.cat(x0s).cpu(),
-                    "y": y.cpu()})
-    pairs = load(path, c, "ode", False, STAGE_FIELDS["ode"])
-    xs, x0s, ys = (pairs[k].to(c.device) for k in ("xs", "x0", "y"))  # xs (P, K, F, C, H, W)
+    # 16 x batch teacher trajectories, made afresh by every run from the stage's seed (a resumed run makes
+    # the same ones), 256 at a time
+    g = torch.Generator().manual_seed(c.seed + 7)
+    ys = torch.randint(0, teacher.n_classes, (16 * c.batch,), generator=g).to(c.device)
+    xs, x0s = (torch.cat(t) for t in zip(*[ode_trajectories(c, teacher, ys[i:i + 256])
+                                            for i in tqdm(range(0, len(ys), 256), desc="ode pairs")]))
     model = build(c, teacher.state_dict())  # start from the teacher's weights (made causal by the mask)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = adamw(model.parameters(), c.lr * 0.3)
+    ema, opt = copy.deepcopy(model).requires_grad_(False), adamw(model.parameters(), c.lr * 0.3)
     grid = few_step_sigmas(c).to(c.device)
     # The student's context is what its teacher's was: for bidir the other chunks' noisy states on the
     # same trajectory (block-causal mask, CausVid), for tf the clean earlier chunks (teacher-forcing mask).
@@ -694,14 +630,11 @@ def train_ode(c):
         i = torch.randint(len(xs), (c.batch,), device=c.device)
         sigma, k = chunk_sigmas(grid, c.batch, c)  # a random grid point per chunk
         x_t = xs[i][torch.arange(c.batch, device=c.device)[:, None], k, torch.arange(c.frames, device=c.device)]
-        v = causal_forward(model, x_t, sigma, ys[i], c, context, x_clean=x0s[i])
-        x0_hat = x_t - sigma[..., None, None, None] * v.float()
-        loss = Fn.mse_loss(x0_hat, x0s[i])
-        optimize(opt, loss, model)
+        x0_hat = x_t - sigma[..., None, None, None] * causal_forward(model, x_t, sigma, ys[i], c, context, x0s[i])
+        optimize(opt, loss := Fn.mse_loss(x0_hat, x0s[i]), model)
         return {"loss": loss}
 
     train(c, "ode", {"model": model, "ema": ema, "opt": opt}, step, c.ode_iters, EMA)
-
 
 # TF and DF are the two ways to train a causal model on real videos in parallel (paper Sec. 2, Fig. 2a-b).
 # Both see only REAL frames as context during training; at inference both see their own outputs. That
@@ -712,17 +645,14 @@ def train_diffusion(c, context):
     TF: each noisy chunk sees the CLEAN real earlier chunks. DF: it sees the NOISY real earlier chunks."""
     teacher = load(os.path.join(c.out, "teacher.pt"), c, "teacher")
     data, model = Data(c), build(c, teacher["ema"])
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = adamw(model.parameters(), c.lr * 0.3)
+    ema, opt = copy.deepcopy(model).requires_grad_(False), adamw(model.parameters(), c.lr * 0.3)
 
     def step(it):
         x0, y = data.batch(c.batch)
-        sigma = sample_sigma(c.batch, c.frames // c.chunk, device=c.device).repeat_interleave(c.chunk, 1)
+        sigma = sample_sigma(c.batch, c.frames // c.chunk, c).repeat_interleave(c.chunk, 1)  # one per chunk
         eps = torch.randn_like(x0)
-        y = drop_labels(y, P_UNCOND, model.n_classes)
-        v = causal_forward(model, add_noise(x0, sigma, eps), sigma, y, c, context, x_clean=x0)
-        loss = Fn.mse_loss(v.float(), eps - x0)
-        optimize(opt, loss, model)
+        v = causal_forward(model, add_noise(x0, sigma, eps), sigma, drop_labels(y), c, context, x_clean=x0)
+        optimize(opt, loss := Fn.mse_loss(v, eps - x0), model)
         return {"loss": loss}
 
     train(c, context, {"model": model, "ema": ema, "opt": opt}, step, c.diffusion_iters, EMA)
@@ -789,7 +719,6 @@ def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, wi
             trace["calls"] += 1
     return torch.cat(out, 1)  # (B, n_frames, C, H, W)
 
-
 def generate(model, kind, y, n_frames, c, noise=None, sink=0):
     """Inference for each method: 'teacher' bidirectional Euler; 'euler' AR many-step (TF / DF) with CFG;
     'few' AR 4-step (ODE init, DMD generators) without CFG. -> (B, F, C, H, W)."""
@@ -808,7 +737,6 @@ def generate(model, kind, y, n_frames, c, noise=None, sink=0):
 def score_sigma(B, c, device):
     """One DMD noise level per video: uniform, shifted, clamped to [0.02, 0.98] (official)."""
     return shift(torch.rand(B, 1, device=device)).clamp(0.02, 0.98).expand(-1, c.frames)
-
 
 def dmd_loss(x, y, teacher, critic, c):
     """Distribution matching distillation (Eq. 5-6, the official form). x (B, F, C, H, W) generated with
@@ -829,14 +757,11 @@ def dmd_loss(x, y, teacher, critic, c):
         grad = torch.nan_to_num((x0_fake - x0_real) / norm)
     return 0.5 * Fn.mse_loss(x, (x - grad).detach())
 
-
 DISTILLED = {"self": "sf", "tf": "tf_dmd", "df": "df_dmd"}  # distill --context -> checkpoint name
-
 
 def distilled_name(c, context):
     """Checkpoint name of a distill run; Self Forcing with the Sec. 3.4 restriction gets its own file."""
     return DISTILLED[context] + ("_restrict" if context == "self" and c.restrict else "")
-
 
 def distill(c, context):
     """Generator: ODE init. Real score: the frozen teacher. Critic: its own copy of the teacher, trained
@@ -876,47 +801,34 @@ def distill(c, context):
         for _ in range(c.critic_ratio):
             with torch.no_grad():
                 x, y = generate_train(c.batch)
-            # Official: the critic learns at the noise levels DMD queries it at (score_sigma, mostly near 1).
-            # critic_sigma=teacher trains it exactly as the teacher was (logit-normal levels) instead.
+            # Official: at the noise levels DMD queries it at (score_sigma, mostly near 1); critic_sigma=teacher:
+            # at the teacher's own logit-normal levels
             sigma = (score_sigma if c.critic_sigma == "dmd" else clip_sigma)(c.batch, c, c.device)
-            lc = flow_matching_loss(critic, x.detach(), y, sigma)
-            optimize(opt_c, lc, critic)
+            optimize(opt_c, lc := flow_matching_loss(critic, x, y, sigma), critic)
         # The generator update: one rollout with grad (Alg. 1), judged as a whole video by DMD.
         x, y = generate_train(c.batch)
-        lg = dmd_loss(x, y, teacher, critic, c)
-        optimize(opt_g, lg, gen)
+        optimize(opt_g, lg := dmd_loss(x, y, teacher, critic, c), gen)
         return {"dmd": lg, "critic": lc}
 
-    train(c, distilled_name(c, context),
-          {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c},
-          step, c.distill_iters, EMA_DMD)
+    nets = {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
+    train(c, distilled_name(c, context), nets, step, c.distill_iters, EMA_DMD)
 
 
 # ####################################################################################################
 # 10. Evaluation: every method, same labels and seeds, at 1x and far past the training length
 
 METHODS = [  # (checkpoint, label, sampler)
-    ("teacher", "teacher (bidir, many-step)", "teacher"),
-    ("tf", "TF (many-step)", "euler"),
-    ("df", "DF (many-step)", "euler"),
-    ("ode", "ODE init (4-step)", "few"),
-    ("tf_dmd", "TF+DMD (4-step)", "few"),
-    ("df_dmd", "DF+DMD (4-step)", "few"),
-    ("sf", "Self Forcing (4-step)", "few"),
-]
-
+    ("teacher", "teacher (bidir, many-step)", "teacher"), ("tf", "TF (many-step)", "euler"),
+    ("df", "DF (many-step)", "euler"), ("ode", "ODE init (4-step)", "few"), ("tf_dmd", "TF+DMD (4-step)", "few"),
+    ("df_dmd", "DF+DMD (4-step)", "few"), ("sf", "Self Forcing (4-step)", "few")]
 
 # Sampling cost as the paper counts it: network evaluations per generated frame. The AR methods pay
 # one extra pass per chunk for the cache refresh (none after the last chunk).
 
 def nfe_per_frame(kind, c, n_frames):
     """Network evaluations per frame (a CFG pass counts twice)."""
-    if kind == "teacher":
-        return 2 * c.euler_steps
-    chunks = n_frames // c.chunk
-    steps, mult = (c.euler_steps, 2) if kind == "euler" else (c.few_steps, 1)
-    return mult * (chunks * steps + chunks - 1) / n_frames
-
+    chunks, (steps, mult) = n_frames // c.chunk, (c.few_steps, 1) if kind == "few" else (c.euler_steps, 2)
+    return 2 * c.euler_steps if kind == "teacher" else mult * (chunks * steps + chunks - 1) / n_frames
 
 def eval_set(c, L):
     """What every method is judged on: real videos of L frames (their labels are the prompts) and the
@@ -926,28 +838,16 @@ def eval_set(c, L):
     v_real = toy_data.real_speed(c.size, c.n_objects, c.radius, speeds(c), gravity=c.gravity)
     return real, torch.from_numpy(real["labels"]).to(c.device), v_real
 
-
 def eval_noise(c, L):
     """ONE starting-noise tensor for every method (the global RNG is re-seeded: the samplers' own fresh
     noise then repeats too), so that differences between rows are the methods, not luck."""
     torch.manual_seed(c.seed + 99)
     return torch.randn(c.n_eval, L, 3, c.size, c.size, device=c.device)
 
-
 def generate_all(model, kind, y, n_frames, c, noise, sink=0):
     """generate() over the whole evaluation set, 256 videos at a time. -> (n_eval, n_frames, ...) in [-1, 1]."""
     return torch.cat([generate(model, kind, y[i:i + 256], n_frames, c, noise[i:i + 256, :n_frames], sink)
                       for i in range(0, len(y), 256)]).clamp(-1, 1)
-
-
-def eval_runs(c, long):
-    """(checkpoint, label, sampler, sink) of every trained method; the long view adds Self Forcing with a
-    sink (its first chunk kept in the cache forever) and, if trained, with the Sec. 3.4 restriction."""
-    runs = [(n, label, kind, 0) for n, label, kind in METHODS if not (long and kind == "teacher")]
-    if long:
-        runs += [("sf", f"SF + sink of {c.chunk}", "few", c.chunk), ("sf_restrict", "SF, restricted", "few", 0)]
-    return [r for r in runs if os.path.exists(os.path.join(c.out, r[0] + ".pt"))]
-
 
 def evaluate(c, long=False):
     """Scores every trained method with toy_data's metrics on the same labels and noise. The table: quality
@@ -962,15 +862,17 @@ def evaluate(c, long=False):
     videos = {"real": real["videos"][0]}
     trails = {"real": toy_data.make_videos(1, 16 * c.frames, c.size, c.n_objects, c.radius, speeds(c), c.seed,
                                            real["labels"][:1], c.gravity)["videos"][0]}
-    for name, label, kind, sink in eval_runs(c, long):
+    runs = [(n, label, kind, 0) for n, label, kind in METHODS if not (long and kind == "teacher")]
+    if long:  # Self Forcing with a sink (its first chunk kept in the cache forever), and restricted (Sec. 3.4)
+        runs += [("sf", f"SF + sink of {c.chunk}", "few", c.chunk), ("sf_restrict", "SF, restricted", "few", 0)]
+    for name, label, kind, sink in [r for r in runs if os.path.exists(os.path.join(c.out, r[0] + ".pt"))]:
         model = build(c, load(os.path.join(c.out, name + ".pt"), c, name)["ema"]).eval()
         n = c.frames if kind == "teacher" else L  # the bidirectional teacher makes one clip of its length
         generate(model, kind, y[:256], c.frames, c)  # untimed warm-up: first calls pay one-time costs
         noise = eval_noise(c, L)  # (after the warm-up: the scored videos do not depend on it, tested)
         t0 = time.time()
         vids = generate_all(model, kind, y, n, c, noise, sink)
-        if c.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        torch.cuda.synchronize() if c.device.startswith("cuda") else None
         r = {"label": label, "nfe_per_frame": nfe_per_frame(kind, c, n),
              "ms_per_frame": 1000 * (time.time() - t0) / (c.n_eval * n),  # batched wall-clock
              "1x": score(vids.cpu().numpy(), c.frames)}  # a causal rollout's first frames: its 1x video
@@ -979,58 +881,13 @@ def evaluate(c, long=False):
         results[name + (f"_sink{sink}" if sink else "")] = r
         videos[name] = vids[0].cpu().numpy()
         if not long and kind != "teacher":  # the figure: the first sample, rolled out to 16x
-            trails[label] = generate(model, kind, y[:1], 16 * c.frames, c, noise[:1].repeat(1, 4, 1, 1, 1))[0].cpu().numpy()
+            torch.manual_seed(c.seed + 98)  # the same noise for every method
+            trails[label] = generate(model, kind, y[:1], 16 * c.frames, c)[0].clamp(-1, 1).cpu().numpy()
         print(f"[eval] {label}: quality 1x {r['1x']['all']['quality']:.3f}"
               + (f", {mult}x {r['long']['all']['quality']:.3f}" if "long" in r else ""))
-    head = (f"Device {c.device}, n_eval={c.n_eval}, {c.frames} frames (1x), {L} ({mult}x), chunk={c.chunk}, seed "
-            f"{c.seed}. Quality = valid x physics x speed score (1 is real data) [95% CI]")
-    if long:
-        table = head + f"; per segment of {c.frames} frames ending at Nx.\n\n" + toy_data.long_table(results, (1, 4, 8, 16))
-        toy_data.write_results(c.out, "results_long", table, results, videos, "long.gif")
-    else:
-        table = head + "; drift = last segment - first.\n\n" + toy_data.results_table(results, mult)
-        toy_data.write_results(c.out, "results", table, results, videos, "compare.gif")
-        toy_data.write_trails(os.path.join(c.out, "trails.png"), list(trails.values()), list(trails))
-        print(f"[eval] wrote {c.out}/trails.png: each object's column over {16 * c.frames} frames, time downwards")
+    toy_data.write_eval(c.out, f"Device {c.device}, n_eval={c.n_eval}, {c.frames} frames (1x), {L} ({mult}x), "
+                        f"chunk={c.chunk}, seed {c.seed}.", results, videos, None if long else trails)
     return results
-
-
-# The point of a rolling cache: the cost of a chunk does not depend on how long the video already is.
-
-def bench(c, mult=16, repeats=3):
-    """Few-step rollout of n_eval videos at 1x and 16x: mean wall-clock per chunk, peak memory (CUDA) and
-    KV-cache size, for the rolling cache and for one that grows without evicting. Ratios from one run."""
-    path = os.path.join(c.out, "sf.pt")  # the cost does not depend on the weights: untrained if missing
-    model = build(c, load(path, c, "sf")["ema"] if os.path.exists(path) else None).eval()
-    y = torch.zeros(c.n_eval, dtype=torch.long, device=c.device)
-    cuda = c.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rows = []
-    generate(model, "few", y, 2 * c.chunk, c)  # warm-up
-    for cache in ("rolling", "growing"):
-        for m in (1, mult):
-            n = c.frames * m
-            times = []
-            for _ in range(repeats):
-                trace = {}
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                sync()
-                t0 = time.time()
-                with torch.no_grad():
-                    rollout(model, y, n, c, window=c.frames if cache == "rolling" else n, trace=trace)
-                sync()
-                times.append(time.time() - t0)
-            frames = max(len(s) for s in trace["seen"])  # frames attended by a chunk (cache + itself)
-            rows.append(dict(cache=cache, length=f"{m}x", frames=n, ms_per_chunk=1000 * np.median(times) / (n // c.chunk),
-                             attended_frames=frames, kv_mb=2 * c.depth * c.n_eval * frames * model.N * c.width * 4 / 2**20,
-                             peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
-                             video_mb=c.n_eval * n * 3 * c.size ** 2 * 4 / 2**20))  # the output it returns
-    table = (f"Device {c.device}, batch {c.n_eval}, {c.few_steps}-step rollout, chunk {c.chunk}, window {c.frames} "
-             f"frames; median of {repeats} runs.\n\n" + toy_data.bench_table(rows, mult, cuda)
-             + "\n\nThe peak includes the video the rollout returns (held twice while its chunks are concatenated).")
-    toy_data.write_results(c.out, "bench", table, rows)
-    return rows
 
 
 # ####################################################################################################
@@ -1047,12 +904,8 @@ def sample_stage(c, args):
         raise UserError(f"--n_frames={n} is not a multiple of chunk={c.chunk}")
     torch.manual_seed(c.seed)
     y = torch.arange(args.n, device=c.device) % model.n_classes
-    vids = toy_data.to_uint8(generate(model, kind, y, n, c).clamp(-1, 1).cpu().numpy())
-    path = os.path.join(c.out, f"samples_{name}")
-    np.savez(path + ".npz", videos=vids, labels=y.cpu().numpy())
-    toy_data.write_gif(path + ".gif", list(vids[:8]), [toy_data.SHAPES[i] for i in y[:8].tolist()])
-    print(f"[sample] wrote {path}.npz ({vids.shape}) and {path}.gif")
-
+    vids = generate(model, kind, y, n, c).clamp(-1, 1).cpu().numpy()
+    toy_data.write_samples(os.path.join(c.out, f"samples_{name}"), vids, y.cpu().numpy())
 
 STAGES = {
     "demo": "(default) the whole pipeline on the preset, then eval: teacher, tf, df, ode, df+dmd, sf",
@@ -1061,9 +914,8 @@ STAGES = {
     "diffusion": "many-step causal baseline by flow matching: --context tf | df",
     "distill": "DMD few-step generator: --context self (Self Forcing) | tf | df (CausVid-style)",
     "sample": "write samples_MODEL.npz (videos uint8 (N,F,H,W,3), labels) and a GIF: --model NAME",
-    "eval": "score every trained method at 1x and 4x; --long: per segment to 16x; --bench: cache cost",
+    "eval": "score every trained method at 1x and 4x (results.md, compare.gif, trails.png); --long: to 16x",
 }
-
 
 def parse(argv):
     p = argparse.ArgumentParser(
@@ -1078,7 +930,6 @@ def parse(argv):
     p.add_argument("--n", type=int, default=16, help="sample: videos to write")
     p.add_argument("--n_frames", type=int, default=0, help="sample: frames per video (default: frames)")
     p.add_argument("--long", action="store_true", help="eval: rollouts to 16x, quality per segment")
-    p.add_argument("--bench", action="store_true", help="eval: per-chunk time and memory, rolling vs growing cache")
     notes = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(Config), re.M))  # field comments
     for f in dataclasses.fields(Config):
         typ = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else \
@@ -1087,7 +938,6 @@ def parse(argv):
                        help=f"{notes.get(f.name, '')} [cpu preset: {PRESETS['cpu'].get(f.name, f.default)}]")
     return p.parse_args(argv)
 
-
 def make_config(args):
     c = Config(**PRESETS[args.preset])
     for f in dataclasses.fields(Config):
@@ -1095,8 +945,7 @@ def make_config(args):
             setattr(c, f.name, getattr(args, f.name))
     check_config(c)
     if c.device == "auto":
-        c.device = "cuda" if torch.cuda.is_available() else \
-            "mps" if torch.backends.mps.is_available() else "cpu"
+        c.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     c.out = c.out or os.path.join("runs", args.preset + ("_gravity" if c.gravity else ""))
     try:
         os.makedirs(c.out, exist_ok=True)
@@ -1106,20 +955,16 @@ def make_config(args):
         raise UserError(f"cannot write to output folder {c.out!r}: {e.strerror}")
     return c
 
-
 def run_stage(c, stage, context=None, fresh=False):
     """One stage, from its own seed: the demo, which runs every stage in one process, gives the same
     checkpoints as the stages run one by one, whatever ran before (no stage depends on RNG order)."""
     name = {"teacher": "teacher", "ode": "ode", "diffusion": context,
             "distill": context in DISTILLED and distilled_name(c, context)}[stage]
-    if fresh:  # retrain: forget the checkpoint (and, for the ODE init, its teacher trajectories)
-        for f in [f"{name}.pt"] + (["ode_pairs.pt"] if stage == "ode" else []):
-            if os.path.exists(os.path.join(c.out, f)):
-                os.remove(os.path.join(c.out, f))
+    if fresh and os.path.exists(os.path.join(c.out, f"{name}.pt")):  # retrain: forget the checkpoint
+        os.remove(os.path.join(c.out, f"{name}.pt"))
     torch.manual_seed(c.seed)
     {"teacher": lambda: train_teacher(c), "ode": lambda: train_ode(c),
      "diffusion": lambda: train_diffusion(c, context), "distill": lambda: distill(c, context)}[stage]()
-
 
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
@@ -1143,13 +988,12 @@ def main(argv=None):
         elif args.stage == "sample":
             sample_stage(c, args)
         elif args.stage == "eval":
-            bench(c) if args.bench else evaluate(c, args.long)
+            evaluate(c, args.long)
         else:
             run_stage(c, args.stage, args.context, args.fresh)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
 
 if __name__ == "__main__":
     main()

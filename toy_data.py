@@ -333,7 +333,7 @@ def write_gif(path, panels, captions, scale=None, fps=8):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Markdown tables (self_forcing.py's eval, long and bench stages)
+# 6. Markdown tables and result files (self_forcing.py's eval)
 
 def _ci(s, k="quality"):
     return f"{s[k]:.3f} [{s[k + '_ci'][0]:.2f}, {s[k + '_ci'][1]:.2f}]"
@@ -366,34 +366,36 @@ def long_table(results, at):
     return "\n".join(lines)
 
 
-def bench_table(rows, mult, cuda):
-    """Per-chunk time and memory of the rolling and the growing cache, then their mult-x / 1x ratios."""
-    lines = ["| cache | length | ms per chunk | frames attended | KV cache MB | peak CUDA MB | output video MB |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['cache']} | {r['length']} ({r['frames']} frames) | {r['ms_per_chunk']:.2f} | {r['attended_frames']} "
-              f"| {r['kv_mb']:.1f} | {'-' if np.isnan(r['peak_mb']) else round(r['peak_mb'])} | {r['video_mb']:.0f} |"
-              for r in rows]
-    for cache in ("rolling", "growing"):
-        a, b = [r for r in rows if r["cache"] == cache]
-        lines.append(f"\n{cache}: {mult}x / 1x per-chunk time {b['ms_per_chunk'] / a['ms_per_chunk']:.2f}, "
-                     f"KV cache {b['kv_mb'] / a['kv_mb']:.2f}" + (f", peak memory {b['peak_mb'] / a['peak_mb']:.2f}" if cuda else ""))
-    return "\n".join(lines)
-
-
-def write_results(out, stem, table, results, videos=None, gif=None):
-    """<stem>.md (the table, also printed), <stem>.json (every number) and, with videos {name: (F, C, H, W)},
-    <gif>: the videos side by side."""
+def write_eval(out, head, results, videos, trails=None):
+    """self_forcing.evaluate's files: the table (printed too) as .md, every number as .json, the videos
+    {name: (F, C, H, W)} side by side as a GIF; with trails (the table's run), the trails figure. Without
+    them (the long view), the per-segment table to the rollouts' length, results_long.*."""
     import json
     import os
+    seg = len(results["real"]["long"]["segments"])
+    stem, gif = ("results", "compare.gif") if trails else ("results_long", "long.gif")
+    table = head + " Quality = valid x physics x speed score (1 is real data) [95% CI]; " + (
+        "drift = last segment - first.\n\n" + results_table(results, seg) if trails else
+        "per segment ending at Nx the training length.\n\n" + long_table(results, (1, seg // 4, seg // 2, seg)))
     with open(os.path.join(out, stem + ".json"), "w") as f:
         json.dump(results, f, indent=1, default=float)  # numpy scalars as floats
     with open(os.path.join(out, stem + ".md"), "w") as f:
         f.write(table + "\n")
     print(table)
-    if videos:
-        write_gif(os.path.join(out, gif), [to_uint8(v[None])[0] for v in videos.values()],
-                  [n.split(" (")[0].replace("_", "+") for n in videos])
-    print(f"wrote {out}/{stem}.md, {stem}.json" + (f", {gif}" if videos else ""))
+    write_gif(os.path.join(out, gif), [to_uint8(v[None])[0] for v in videos.values()],
+              [n.split(" (")[0].replace("_", "+") for n in videos])
+    if trails:
+        write_trails(os.path.join(out, "trails.png"), list(trails.values()), list(trails))
+    print(f"[eval] wrote {out}/{stem}.md, {stem}.json, {gif}" + (", trails.png (each object's column in every "
+                                                              "frame, time going down)" if trails else ""))
+
+
+def write_samples(path, videos, labels):
+    """sample's files: path.npz with videos uint8 (N, F, H, W, 3) and labels (N,), and a GIF of the first 8."""
+    vids = to_uint8(videos)
+    np.savez(path + ".npz", videos=vids, labels=labels)
+    write_gif(path + ".gif", list(vids[:8]), [SHAPES[i] for i in labels[:8]])
+    print(f"[sample] wrote {path}.npz ({vids.shape}) and {path}.gif")
 
 
 def write_trails(path, videos, captions, scale=6):
