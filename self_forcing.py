@@ -31,18 +31,13 @@ Sections (paper):
  10. Evaluation: quality, drift, the long view    (Sec. 4, Table 2)
  11. CLI
 
-Simplifications against the paper (README, "Differences from the paper"): pixels instead of VAE latents; a
-~0.3M-parameter DiT instead of Wan2.1-1.3B; the teacher (real score) and the critic are the student's size (the
-paper's real score is the 14B model); labels instead of text prompts; Euler instead of UniPC for the many-step
-baselines; DMD only (no SiD or GAN); the ODE init regresses onto the causal TF model's chunk-by-chunk ODE, not the
-bidirectional teacher's (section 7 says why; `--ode_teacher=bidir` is the paper's); DMD's real score is guided
-at 1.5, not the official 4 (`real_cfg`); learning rates for a tiny model.
+Simplifications against the paper (pixels for VAE latents, a ~0.3M-parameter DiT for Wan2.1-1.3B, labels for
+prompts, the ODE init from the causal TF model, DMD's real score guided at 1.5): README, "Differences from the paper".
 """
 import argparse
 import copy
 import dataclasses
 import inspect
-import json
 import math
 import os
 import re
@@ -55,7 +50,6 @@ import torch.nn.functional as Fn
 from tqdm import tqdm
 
 import toy_data
-
 
 # ####################################################################################################
 # 1. Config and presets
@@ -139,8 +133,8 @@ def check_config(c):
             raise UserError(f"{f}={getattr(c, f)} must be at least 1")
     choices = dict(ode_teacher=("tf", "bidir"), critic_sigma=("dmd", "teacher"), kv_grad=("detach", "st"),
                    exit_step=("random", "last"))
-    rules = [(getattr(c, f) not in ok, f"{f}={getattr(c, f)!r}: choose {' or '.join(ok)}") for f, ok in choices.items()]
-    rules += [
+    rules = [(getattr(c, f) not in ok, f"{f}={getattr(c, f)!r}: choose {' or '.join(ok)}") for f, ok in
+             choices.items()] + [
         (c.size % c.patch, f"size={c.size} is not a multiple of patch={c.patch}"),
         (c.width % (8 * HEADS), f"width={c.width} must be a multiple of {8 * HEADS} ({HEADS} heads, 3D RoPE)"),
         (c.frames % c.chunk, f"frames={c.frames} is not a multiple of chunk={c.chunk}"),
@@ -152,11 +146,6 @@ def check_config(c):
     for broken, message in rules:
         if broken:
             raise UserError(message)
-
-def speeds(c):
-    """The data's speed range in px/frame."""
-    return 0.6 * c.speed, 1.4 * c.speed
-
 
 # ####################################################################################################
 # 2. Flow matching and the few-step schedule
@@ -183,15 +172,13 @@ def sample_sigma(B, n, c):
     return torch.sigmoid(torch.randn(B, n, device=c.device))
 
 def clip_sigma(B, c, device):
-    """(B, frames): one level per clip, how the bidirectional teacher is trained (and the critic with
-    critic_sigma=teacher, section 9)."""
+    """(B, frames): one level per clip, as the teacher is trained (and the critic with critic_sigma=teacher)."""
     return sample_sigma(B, 1, c).expand(-1, c.frames)
 
 def add_noise(x0, sigma, eps):
     """x_t = (1 - sigma) x0 + sigma eps. x0, eps (B, F, C, H, W); sigma (B, F)."""
     s = sigma[..., None, None, None]
     return (1 - s) * x0 + s * eps
-
 
 # ####################################################################################################
 # 3. The causal video DiT: one attention path for bidirectional, block-causal and KV-cached use
@@ -245,11 +232,8 @@ def teacher_forcing_mask(n_frames, chunk, device="cpu"):
     causal among themselves; a noisy chunk sees the CLEAN earlier chunks and its own noisy chunk only."""
     bc = block_causal_mask(n_frames, chunk, device=device)
     ci = torch.arange(n_frames, device=device) // chunk
-    earlier = ci[:, None] > ci[None, :]  # clean chunk strictly before
-    same = ci[:, None] == ci[None, :]
-    top = torch.cat([bc, torch.zeros_like(bc)], 1)
-    bottom = torch.cat([earlier, same], 1)
-    return torch.cat([top, bottom], 0)
+    noisy = torch.cat([ci[:, None] > ci[None, :], ci[:, None] == ci[None, :]], 1)  # clean earlier chunks | own chunk
+    return torch.cat([torch.cat([bc, torch.zeros_like(bc)], 1), noisy], 0)
 
 class Attention(nn.Module):
     def __init__(self, D, nh, layer):
@@ -276,8 +260,7 @@ class Block(nn.Module):
 
     def __init__(self, D, nh, layer):
         super().__init__()
-        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.norm1, self.norm2 = (nn.LayerNorm(D, elementwise_affine=False, eps=1e-6) for _ in "12")
         self.attn = Attention(D, nh, layer)
         self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(approximate="tanh"), nn.Linear(4 * D, D))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
@@ -354,7 +337,6 @@ def guided(model, x, sigma, y, cfg, **kw):
     vc, vu = v.chunk(2)
     return vu + cfg * (vc - vu)
 
-
 # ####################################################################################################
 # 4. KV cache: a chunk's keys/values, overwritten in place on re-runs, rolling window with a sink
 
@@ -365,7 +347,6 @@ class KVCache:
       - re-running a chunk (the next denoising step, the cache refresh) REPLACES that chunk's slots;
       - a new chunk is appended; if the cache would exceed `window` frames, the oldest frames are evicted,
         except the first `sink` frames, which are kept forever.
-    The bookkeeping is on Python ints, so a rollout never waits for the GPU to say what to keep.
     Each frame's slot is its own tensor and keeps its own autograd history, whatever the grad mode of the
     calls that read it later: a no_grad denoising step of chunk i+1 reads the cache but cannot cut the
     graph of chunk i's slots, so the grad-enabled exit step of chunk i+1 still reaches them.
@@ -403,7 +384,6 @@ class KVCache:
         self.k[layer] = [k_old[j] for j in self.keep] + k
         self.v[layer] = [v_old[j] for j in self.keep] + v
         return torch.cat(self.k[layer], 2), torch.cat(self.v[layer], 2)  # (B, nh, Lk, hd)
-
 
 # ####################################################################################################
 # 5. Training loop, checkpoints, data
@@ -471,16 +451,14 @@ def train(c, name, nets, step_fn, iters, ema_decay):
     avg, shown, t_read = {}, {}, t0
     for it in bar:
         losses = step_fn(it)  # tensors: reading one (.item()) makes the CPU wait for the GPU to catch up
-        for k, v in losses.items():  # so they are averaged where they are, and read about once a second
-            v = v.detach()
-            avg[k] = v if k not in avg else 0.98 * avg[k] + 0.02 * v  # a NaN, once in, stays in
+        # so they are averaged where they are (a NaN, once in, stays in), and read about once a second
+        avg = {k: v.detach() if k not in avg else 0.98 * avg[k] + 0.02 * v.detach() for k, v in losses.items()}
         ema_update(nets["ema"], nets["model"], ema_decay, it)
         save_now = (it + 1) % CKPT_EVERY == 0 or it + 1 == iters
         if save_now or time.time() > t_read + 1:  # always before a checkpoint: a NaN never gets saved
             shown, t_read = {k: v.item() for k, v in avg.items()}, time.time()
-            for k, v in shown.items():
-                if not math.isfinite(v):
-                    raise UserError(f"[{name}] {k} is {v} by step {it}: stopped; last good checkpoint kept in {path}")
+            for k in [k for k, v in shown.items() if not math.isfinite(v)]:
+                raise UserError(f"[{name}] {k} is {shown[k]} by step {it}: stopped; last good checkpoint: {path}")
             bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
         if save_now:
             checkpoint(it + 1)
@@ -494,27 +472,24 @@ def optimize(opt, loss, model):
     nn.utils.clip_grad_norm_(model.parameters(), CLIP)
     opt.step()
 
-def adamw(params, lr, betas=(0.9, 0.999)):
-    params = list(params)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.01, fused=params[0].is_cuda)
+def adamw(model, lr, betas=(0.9, 0.999)):
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.01, fused=model.head.weight.is_cuda)
 
 class Data:
     """Real training clips, generated once (toy_data) and kept on the device; random flips and time
     reversal (both keep constant velocity, gravity and elastic bounces valid) make each batch fresh."""
 
     def __init__(self, c):
-        d = toy_data.make_videos(N_TRAIN, c.frames, c.size, c.n_objects, c.radius, speeds(c), c.seed + 1,
+        d = toy_data.make_videos(N_TRAIN, c.frames, c.size, c.n_objects, c.radius, c.speed, c.seed + 1,
                                  gravity=c.gravity)
-        self.x = torch.from_numpy(d["videos"]).to(c.device)
-        self.y = torch.from_numpy(d["labels"]).to(c.device)
+        self.x, self.y = (torch.from_numpy(d[k]).to(c.device) for k in ("videos", "labels"))
 
     def batch(self, B):
         i = torch.randint(len(self.x), (B,), device=self.x.device)
         x = self.x[i]
-        flip = torch.rand(B, device=x.device) < 0.5
-        x = torch.where(flip[:, None, None, None, None], x.flip(-1), x)
-        rev = torch.rand(B, device=x.device) < 0.5
-        return torch.where(rev[:, None, None, None, None], x.flip(1), x), self.y[i]
+        for dim in (-1, 1):  # a horizontal flip, then time reversal, each of half the clips
+            x = torch.where(torch.rand(B, 1, 1, 1, 1, device=x.device) < 0.5, x.flip(dim), x)
+        return x, self.y[i]
 
 def drop_labels(y):
     """Label dropout: the "no label" class (the last) with probability P_UNCOND, so that CFG exists."""
@@ -525,7 +500,6 @@ def flow_matching_loss(model, x0, y, sigma, **kw):
     eps = torch.randn_like(x0)
     return Fn.mse_loss(model(add_noise(x0, sigma, eps), sigma, y, **kw), eps - x0)
 
-
 # ####################################################################################################
 # 6. Teacher: bidirectional, many-step, label-conditional (the Wan2.1 stand-in, DMD's real score)
 
@@ -535,7 +509,7 @@ def flow_matching_loss(model, x0, y, sigma, **kw):
 
 def train_teacher(c):
     data, model = Data(c), build(c)
-    ema, opt = copy.deepcopy(model).requires_grad_(False), adamw(model.parameters(), c.lr)
+    ema, opt = copy.deepcopy(model).requires_grad_(False), adamw(model, c.lr)
 
     def step(it):
         x0, y = data.batch(c.batch)
@@ -561,7 +535,6 @@ def sample_teacher(model, c, y, n_frames, trace=None):
     if trace is not None:
         trace["inputs"] = [inputs]
     return x
-
 
 # ####################################################################################################
 # 7. Causal students: ODE init (the DMD generators' start), and the many-step TF / DF baselines
@@ -611,14 +584,13 @@ def train_ode(c):
     Pairs: x at the few-step grid's sigmas along teacher trajectories -> the trajectory's clean end."""
     name, stage = ("teacher", "teacher") if c.ode_teacher == "bidir" else ("tf", "diffusion --context tf")
     teacher = build(c, load(os.path.join(c.out, name + ".pt"), c, stage)["ema"]).eval()
-    # 16 x batch teacher trajectories, made afresh by every run from the stage's seed (a resumed run makes
-    # the same ones), 256 at a time
+    # 16 x batch teacher trajectories, made afresh from the stage's seed by every run (resumed too), 256 at a time
     g = torch.Generator().manual_seed(c.seed + 7)
     ys = torch.randint(0, teacher.n_classes, (16 * c.batch,), generator=g).to(c.device)
     xs, x0s = (torch.cat(t) for t in zip(*[ode_trajectories(c, teacher, ys[i:i + 256])
                                             for i in tqdm(range(0, len(ys), 256), desc="ode pairs")]))
     model = build(c, teacher.state_dict())  # start from the teacher's weights (made causal by the mask)
-    ema, opt = copy.deepcopy(model).requires_grad_(False), adamw(model.parameters(), c.lr * 0.3)
+    ema, opt = copy.deepcopy(model).requires_grad_(False), adamw(model, c.lr * 0.3)
     grid = few_step_sigmas(c).to(c.device)
     # The student's context is what its teacher's was: for bidir the other chunks' noisy states on the
     # same trajectory (block-causal mask, CausVid), for tf the clean earlier chunks (teacher-forcing mask).
@@ -645,7 +617,7 @@ def train_diffusion(c, context):
     TF: each noisy chunk sees the CLEAN real earlier chunks. DF: it sees the NOISY real earlier chunks."""
     teacher = load(os.path.join(c.out, "teacher.pt"), c, "teacher")
     data, model = Data(c), build(c, teacher["ema"])
-    ema, opt = copy.deepcopy(model).requires_grad_(False), adamw(model.parameters(), c.lr * 0.3)
+    ema, opt = copy.deepcopy(model).requires_grad_(False), adamw(model, c.lr * 0.3)
 
     def step(it):
         x0, y = data.batch(c.batch)
@@ -656,7 +628,6 @@ def train_diffusion(c, context):
         return {"loss": loss}
 
     train(c, context, {"model": model, "ema": ema, "opt": opt}, step, c.diffusion_iters, EMA)
-
 
 # ####################################################################################################
 # 8. Autoregressive rollout: Algorithm 1 (training) and inference are the SAME loop
@@ -689,7 +660,7 @@ def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, wi
     out = []
     for f0 in range(0, n_frames, ch):  # Alg. 1 line 3: for each chunk i = 1..N
         pos = range(f0, f0 + ch)  # ABSOLUTE frame indices (RoPE, cache slots)
-        # Alg. 1 line 4: the chunk starts from pure Gaussian noise
+        # Alg. 1 line 4: the chunk starts from pure Gaussian noise, x (B, ch, C, H, W)
         x = torch.randn(B, ch, 3, c.size, c.size, device=c.device) if noise is None else noise[:, f0:f0 + ch]
         inputs = []
         # Alg. 1 lines 5-12: denoise with the K-step schedule, stopping at the exit step s.
@@ -704,10 +675,10 @@ def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, wi
             if k < s:  # re-noise to the next level
                 eps = (x - (1 - sigmas[k]) * x0_hat) / sigmas[k] if euler else torch.randn_like(x)
                 x = ((1 - sigmas[k + 1]) * x0_hat + sigmas[k + 1] * eps).detach()
-        trace.setdefault("seen", []).append(list(cache.frames))  # what this chunk attended to
+        trace.setdefault("seen", []).append(list(cache.frames))  # the frames this chunk attended to
         if "inputs" in trace:
             trace["inputs"].append(inputs)
-        out.append(x0_hat)  # Alg. 1 line 13: the chunk's output (with grad at the exit step)
+        out.append(x0_hat)  # Alg. 1 line 13: the chunk's output (B, ch, C, H, W), with grad at the exit step
         # Alg. 1 line 14: write the chunk's keys/values computed from its CLEAN output (sigma = 0).
         # Later chunks attend to these, exactly as at inference: this is what makes the context the
         # model's own. Not needed after the last chunk.
@@ -719,14 +690,16 @@ def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, wi
             trace["calls"] += 1
     return torch.cat(out, 1)  # (B, n_frames, C, H, W)
 
+@torch.no_grad()
 def generate(model, kind, y, n_frames, c, noise=None, sink=0):
-    """Inference for each method: 'teacher' bidirectional Euler; 'euler' AR many-step (TF / DF) with CFG;
-    'few' AR 4-step (ODE init, DMD generators) without CFG. -> (B, F, C, H, W)."""
-    with torch.no_grad():
-        if kind == "teacher":
-            return sample_teacher(model, c, y, n_frames)
-        return rollout(model, y, n_frames, c, kind, noise=noise, sink=sink)
-
+    """Inference for each method, 256 videos at a time: 'teacher' bidirectional Euler; 'euler' AR many-step
+    (TF / DF) with CFG; 'few' AR 4-step (ODE init, DMD generators) without CFG. -> (B, F, C, H, W) in [-1, 1]."""
+    out = []
+    for i in range(0, len(y), 256):
+        z = None if noise is None else noise[i:i + 256, :n_frames]
+        out.append(sample_teacher(model, c, y[i:i + 256], n_frames) if kind == "teacher" else
+                   rollout(model, y[i:i + 256], n_frames, c, kind, noise=z, sink=sink))
+    return torch.cat(out).clamp(-1, 1)
 
 # ####################################################################################################
 # 9. DMD with a trained critic (Sec. 3.3): Self Forcing, TF+DMD and DF+DMD
@@ -757,11 +730,9 @@ def dmd_loss(x, y, teacher, critic, c):
         grad = torch.nan_to_num((x0_fake - x0_real) / norm)
     return 0.5 * Fn.mse_loss(x, (x - grad).detach())
 
-DISTILLED = {"self": "sf", "tf": "tf_dmd", "df": "df_dmd"}  # distill --context -> checkpoint name
-
 def distilled_name(c, context):
-    """Checkpoint name of a distill run; Self Forcing with the Sec. 3.4 restriction gets its own file."""
-    return DISTILLED[context] + ("_restrict" if context == "self" and c.restrict else "")
+    """distill --context self | tf | df -> sf | tf_dmd | df_dmd; with the Sec. 3.4 restriction: sf_restrict."""
+    return {"self": "sf", "tf": "tf_dmd", "df": "df_dmd"}[context] + "_restrict" * (context == "self" and c.restrict)
 
 def distill(c, context):
     """Generator: ODE init. Real score: the frozen teacher. Critic: its own copy of the teacher, trained
@@ -770,8 +741,8 @@ def distill(c, context):
     gen = build(c, load(os.path.join(c.out, "ode.pt"), c, "ode")["ema"])
     critic = build(c, teacher.state_dict())  # never the generator: its own network
     ema = copy.deepcopy(gen).requires_grad_(False)
-    opt_g = adamw(gen.parameters(), c.lr_gen, betas=(0.0, 0.999))
-    opt_c = adamw(critic.parameters(), c.lr_critic, betas=(0.0, 0.999))
+    opt_g = adamw(gen, c.lr_gen, betas=(0.0, 0.999))
+    opt_c = adamw(critic, c.lr_critic, betas=(0.0, 0.999))
     data = Data(c) if context != "self" else None
     grid = few_step_sigmas(c).to(c.device)
 
@@ -813,7 +784,6 @@ def distill(c, context):
     nets = {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
     train(c, distilled_name(c, context), nets, step, c.distill_iters, EMA_DMD)
 
-
 # ####################################################################################################
 # 10. Evaluation: every method, same labels and seeds, at 1x and far past the training length
 
@@ -822,32 +792,23 @@ METHODS = [  # (checkpoint, label, sampler)
     ("df", "DF (many-step)", "euler"), ("ode", "ODE init (4-step)", "few"), ("tf_dmd", "TF+DMD (4-step)", "few"),
     ("df_dmd", "DF+DMD (4-step)", "few"), ("sf", "Self Forcing (4-step)", "few")]
 
-# Sampling cost as the paper counts it: network evaluations per generated frame. The AR methods pay
-# one extra pass per chunk for the cache refresh (none after the last chunk).
-
 def nfe_per_frame(kind, c, n_frames):
-    """Network evaluations per frame (a CFG pass counts twice)."""
+    """Sampling cost as the paper counts it: network evaluations per generated frame (a CFG pass counts
+    twice). The AR methods pay one extra pass per chunk for the cache refresh (none after the last chunk)."""
     chunks, (steps, mult) = n_frames // c.chunk, (c.few_steps, 1) if kind == "few" else (c.euler_steps, 2)
     return 2 * c.euler_steps if kind == "teacher" else mult * (chunks * steps + chunks - 1) / n_frames
 
 def eval_set(c, L):
-    """What every method is judged on: real videos of L frames (their labels are the prompts) and the
-    real data's mean speed. -> real (dict), y, v_real."""
-    real = toy_data.make_videos(c.n_eval, L, c.size, c.n_objects, c.radius, speeds(c), seed=10_000 + c.seed,
+    """What every method is judged on: real videos of L frames (labels: the prompts), the real mean speed."""
+    real = toy_data.make_videos(c.n_eval, L, c.size, c.n_objects, c.radius, c.speed, seed=10_000 + c.seed,
                                 gravity=c.gravity)
-    v_real = toy_data.real_speed(c.size, c.n_objects, c.radius, speeds(c), gravity=c.gravity)
+    v_real = toy_data.real_speed(c.size, c.n_objects, c.radius, c.speed, gravity=c.gravity)
     return real, torch.from_numpy(real["labels"]).to(c.device), v_real
 
 def eval_noise(c, L):
-    """ONE starting-noise tensor for every method (the global RNG is re-seeded: the samplers' own fresh
-    noise then repeats too), so that differences between rows are the methods, not luck."""
+    """ONE starting noise for every method, the RNG re-seeded (fresh noise repeats too): rows differ by method."""
     torch.manual_seed(c.seed + 99)
     return torch.randn(c.n_eval, L, 3, c.size, c.size, device=c.device)
-
-def generate_all(model, kind, y, n_frames, c, noise, sink=0):
-    """generate() over the whole evaluation set, 256 videos at a time. -> (n_eval, n_frames, ...) in [-1, 1]."""
-    return torch.cat([generate(model, kind, y[i:i + 256], n_frames, c, noise[i:i + 256, :n_frames], sink)
-                      for i in range(0, len(y), 256)]).clamp(-1, 1)
 
 def evaluate(c, long=False):
     """Scores every trained method with toy_data's metrics on the same labels and noise. The table: quality
@@ -860,7 +821,7 @@ def evaluate(c, long=False):
                                         gravity=c.gravity)
     results = {"real": {"label": "real data", "1x": score(real["videos"], c.frames), "long": score(real["videos"], L)}}
     videos = {"real": real["videos"][0]}
-    trails = {"real": toy_data.make_videos(1, 16 * c.frames, c.size, c.n_objects, c.radius, speeds(c), c.seed,
+    trails = {"real": toy_data.make_videos(1, 16 * c.frames, c.size, c.n_objects, c.radius, c.speed, c.seed,
                                            real["labels"][:1], c.gravity)["videos"][0]}
     runs = [(n, label, kind, 0) for n, label, kind in METHODS if not (long and kind == "teacher")]
     if long:  # Self Forcing with a sink (its first chunk kept in the cache forever), and restricted (Sec. 3.4)
@@ -871,41 +832,36 @@ def evaluate(c, long=False):
         generate(model, kind, y[:256], c.frames, c)  # untimed warm-up: first calls pay one-time costs
         noise = eval_noise(c, L)  # (after the warm-up: the scored videos do not depend on it, tested)
         t0 = time.time()
-        vids = generate_all(model, kind, y, n, c, noise, sink)
-        torch.cuda.synchronize() if c.device.startswith("cuda") else None
+        vids = generate(model, kind, y, n, c, noise, sink).cpu().numpy()  # (n_eval, n, C, H, W)
         r = {"label": label, "nfe_per_frame": nfe_per_frame(kind, c, n),
-             "ms_per_frame": 1000 * (time.time() - t0) / (c.n_eval * n),  # batched wall-clock
-             "1x": score(vids.cpu().numpy(), c.frames)}  # a causal rollout's first frames: its 1x video
+             "ms_per_frame": 1000 * (time.time() - t0) / (c.n_eval * n),  # batched wall-clock (.cpu() waits)
+             "1x": score(vids, c.frames)}  # a causal rollout's first frames: its 1x video
         if kind != "teacher":
-            r["long"] = score(vids.cpu().numpy(), L)
-        results[name + (f"_sink{sink}" if sink else "")] = r
-        videos[name] = vids[0].cpu().numpy()
+            r["long"] = score(vids, L)
+        results[name + (f"_sink{sink}" if sink else "")], videos[name] = r, vids[0]
         if not long and kind != "teacher":  # the figure: the first sample, rolled out to 16x
             torch.manual_seed(c.seed + 98)  # the same noise for every method
-            trails[label] = generate(model, kind, y[:1], 16 * c.frames, c)[0].clamp(-1, 1).cpu().numpy()
+            trails[label] = generate(model, kind, y[:1], 16 * c.frames, c)[0].cpu().numpy()
         print(f"[eval] {label}: quality 1x {r['1x']['all']['quality']:.3f}"
               + (f", {mult}x {r['long']['all']['quality']:.3f}" if "long" in r else ""))
     toy_data.write_eval(c.out, f"Device {c.device}, n_eval={c.n_eval}, {c.frames} frames (1x), {L} ({mult}x), "
                         f"chunk={c.chunk}, seed {c.seed}.", results, videos, None if long else trails)
     return results
 
-
 # ####################################################################################################
 # 11. CLI
 
-def sample_stage(c, args):
-    name = args.model
-    kind = dict((n, k) for n, _, k in METHODS).get(name)
+def sample_stage(c, name, n_videos, n_frames):
+    kind = {m: k for m, _, k in METHODS}.get(name)
     if kind is None:
         raise UserError(f"--model={name!r}: choose one of {', '.join(n for n, _, _ in METHODS)}")
+    if n_frames % c.chunk:
+        raise UserError(f"--n_frames={n_frames} is not a multiple of chunk={c.chunk}")
     model = build(c, load(os.path.join(c.out, name + ".pt"), c, name)["ema"]).eval()
-    n = args.n_frames or c.frames
-    if n % c.chunk:
-        raise UserError(f"--n_frames={n} is not a multiple of chunk={c.chunk}")
     torch.manual_seed(c.seed)
-    y = torch.arange(args.n, device=c.device) % model.n_classes
-    vids = generate(model, kind, y, n, c).clamp(-1, 1).cpu().numpy()
-    toy_data.write_samples(os.path.join(c.out, f"samples_{name}"), vids, y.cpu().numpy())
+    y = torch.arange(n_videos, device=c.device) % model.n_classes
+    toy_data.write_samples(os.path.join(c.out, f"samples_{name}"), generate(model, kind, y, n_frames, c).cpu().numpy(),
+                           y.cpu().numpy())
 
 STAGES = {
     "demo": "(default) the whole pipeline on the preset, then eval: teacher, tf, df, ode, df+dmd, sf",
@@ -939,10 +895,8 @@ def parse(argv):
     return p.parse_args(argv)
 
 def make_config(args):
-    c = Config(**PRESETS[args.preset])
-    for f in dataclasses.fields(Config):
-        if getattr(args, f.name) is not None:
-            setattr(c, f.name, getattr(args, f.name))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    c = Config(**{**PRESETS[args.preset], **given})
     check_config(c)
     if c.device == "auto":
         c.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -958,8 +912,7 @@ def make_config(args):
 def run_stage(c, stage, context=None, fresh=False):
     """One stage, from its own seed: the demo, which runs every stage in one process, gives the same
     checkpoints as the stages run one by one, whatever ran before (no stage depends on RNG order)."""
-    name = {"teacher": "teacher", "ode": "ode", "diffusion": context,
-            "distill": context in DISTILLED and distilled_name(c, context)}[stage]
+    name = distilled_name(c, context) if stage == "distill" else context if stage == "diffusion" else stage
     if fresh and os.path.exists(os.path.join(c.out, f"{name}.pt")):  # retrain: forget the checkpoint
         os.remove(os.path.join(c.out, f"{name}.pt"))
     torch.manual_seed(c.seed)
@@ -973,10 +926,8 @@ def main(argv=None):
         need = {"diffusion": ("tf", "df"), "distill": ("self", "tf", "df")}.get(args.stage)
         if need and args.context not in need:
             raise UserError(f"{args.stage} needs --context {' | '.join(need)}")
-        torch.manual_seed(c.seed)
-        if c.device.startswith("cuda"):
-            torch.backends.cuda.matmul.allow_tf32 = True
-        print("config:", json.dumps(dataclasses.asdict(c)))
+        torch.backends.cuda.matmul.allow_tf32 = True  # GPU matmuls in TF32 (no effect elsewhere)
+        print("config:", dataclasses.asdict(c))
         if args.stage == "demo":
             t0 = time.time()
             for stage, ctx in [("teacher", None), ("diffusion", "tf"), ("diffusion", "df"), ("ode", None),
@@ -986,7 +937,7 @@ def main(argv=None):
             evaluate(c)
             print(f"[demo] done in {time.time() - t0:.0f}s")
         elif args.stage == "sample":
-            sample_stage(c, args)
+            sample_stage(c, args.model, args.n, args.n_frames or c.frames)
         elif args.stage == "eval":
             evaluate(c, args.long)
         else:

@@ -254,7 +254,8 @@ def test_ar_teacher_ode_pairs_follow_from_what_the_student_sees(chunk):
     torch.manual_seed(3)
     xs, x0 = sf.ode_trajectories(c, m, y)  # (B, K, F, C, H, W), (B, F, C, H, W)
     torch.manual_seed(3)
-    assert torch.allclose(x0, sf.generate(m, "euler", y, c.frames, c), atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(x0, sf.rollout(m, y, c.frames, c, "euler"), atol=1e-5)
     sig, stride, x = sf.euler_sigmas(c), c.euler_steps // c.few_steps, xs[:, 0]
     for i in range(c.euler_steps):
         if i % stride == 0:
@@ -572,7 +573,7 @@ def test_demo_stage_equals_the_same_stage_run_alone(run_dir, tmp_path):
 
 def test_eval_scores_the_videos_of_its_seeded_noise_whatever_ran_before(run_dir, tmp_path, monkeypatch):
     """Every method is scored on the same seeded noise: the 1x videos eval scores are exactly those a plain
-    generate_all from eval_noise makes, whatever used the random stream before (its timing warm-up too)."""
+    generate from eval_noise makes, whatever used the random stream before (its timing warm-up too)."""
     copy_checkpoints(run_dir, tmp_path, "ode")
     c = cfg(out=str(tmp_path))
     scored, orig = [], toy_data.score
@@ -583,7 +584,7 @@ def test_eval_scores_the_videos_of_its_seeded_noise_whatever_ran_before(run_dir,
     L = c.frames * sf.LONG
     _, y, _ = sf.eval_set(c, L)
     model = sf.build(c, torch.load(tmp_path / "ode.pt", weights_only=True)["ema"]).eval()
-    ref = sf.generate_all(model, "few", y, L, c, sf.eval_noise(c, L))[:, :c.frames].numpy()
+    ref = sf.generate(model, "few", y, L, c, sf.eval_noise(c, L))[:, :c.frames].numpy()
     assert any(v.shape == ref.shape and np.array_equal(v, ref) for v in scored)
 
 
@@ -604,7 +605,7 @@ def test_trails_figure_shows_motion_as_slanted_lines(tmp_path):
     """The figure's panels: row f is frame f's brightest pixel per column. A frozen video draws the same
     row every frame; a moving one does not; the real clip's object is where the data says it is."""
     import imageio.v2 as imageio
-    d = toy_data.make_videos(1, 12, size=16, n_objects=1, radius=2.0, speed=(1.0, 1.0), seed=3)
+    d = toy_data.make_videos(1, 12, size=16, n_objects=1, radius=2.0, speed=1.0, seed=3)
     frozen = np.repeat(d["videos"][0][:1], 12, 0)
     toy_data.write_trails(str(tmp_path / "t.png"), [d["videos"][0], frozen], ["real", "frozen"], scale=1)
     img = imageio.imread(tmp_path / "t.png")

@@ -70,11 +70,12 @@ def fall(y, vy, t, g, hi):
     return hi - u * tau + 0.5 * g * tau * tau, g * tau - u
 
 
-def make_videos(n, frames, size=32, n_objects=3, radius=3.5, speed=(1.0, 2.5), seed=0, labels=None,
+def make_videos(n, frames, size=32, n_objects=3, radius=3.5, speed=1.75, seed=0, labels=None,
                 gravity=0.0):
     """n clips of `frames` frames. Returns dict:
     videos (n, F, 3, H, W) float32 in [-1, 1] (background -1); labels (n,) int;
     pos (n, F, K, 2) true centres (x, y) in pixels; vel (n, F, K, 2) true velocities (px/frame).
+    Each object's speed is uniform in [0.6, 1.4] x speed px/frame, its direction uniform.
     gravity > 0 (px/frame^2): the vertical motion is a ball bouncing on the floor, its top (apex) at a
     random height inside the frame (it never reaches the ceiling), at a random phase."""
     rng = np.random.default_rng(seed)
@@ -84,7 +85,7 @@ def make_videos(n, frames, size=32, n_objects=3, radius=3.5, speed=(1.0, 2.5), s
     lo, hi = walls(size, radius)
     p0 = rng.uniform(lo, hi, (n, n_objects, 2))
     angle = rng.uniform(0, 2 * np.pi, (n, n_objects))
-    spd = rng.uniform(*speed, (n, n_objects))
+    spd = rng.uniform(0.6 * speed, 1.4 * speed, (n, n_objects))
     v0 = np.stack([np.cos(angle), np.sin(angle)], -1) * spd[..., None]  # (n, K, 2)
     t = np.arange(frames, dtype=np.float64)[None, :, None, None]
     free = p0[:, None] + t * v0[:, None]  # (n, F, K, 2) path without walls
@@ -265,7 +266,7 @@ def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=1
     return out
 
 
-def real_speed(size=32, n_objects=3, radius=3.5, speed=(1.0, 2.5), frames=16, n=256, seed=12345, gravity=0.0):
+def real_speed(size=32, n_objects=3, radius=3.5, speed=1.75, frames=16, n=256, seed=12345, gravity=0.0):
     """Mean object speed of real videos as the metric measures it (the reference of the speed ratio)."""
     d = make_videos(n, frames, size, n_objects, radius, speed, seed, gravity=gravity)
     a = analyse(d["videos"], d["labels"], n_objects, radius)
