@@ -117,9 +117,10 @@ PRESETS = {
 # count: more steps resume it). A finished checkpoint is reused only by a run that would make the same one.
 MODEL_FIELDS = ("size", "patch", "width", "depth", "gravity")  # what any checkpoint must agree on to be loaded
 _teacher = MODEL_FIELDS + ("n_objects", "radius", "speed", "frames", "seed", "batch", "lr")
-_ode = _teacher + ("teacher_iters", "chunk", "diffusion_iters", "few_steps", "euler_steps", "cfg", "ode_teacher")
+_diffusion = _teacher + ("teacher_iters", "chunk")
+_ode = _diffusion + ("diffusion_iters", "few_steps", "euler_steps", "cfg", "ode_teacher")
 _dmd = _ode + ("ode_iters", "critic_ratio", "lr_gen", "lr_critic", "real_cfg", "critic_sigma")
-STAGE_FIELDS = {"teacher": _teacher, "tf": _ode[:14], "df": _ode[:14], "ode": _ode, "tf_dmd": _dmd, "df_dmd": _dmd,
+STAGE_FIELDS = {"teacher": _teacher, "tf": _diffusion, "df": _diffusion, "ode": _ode, "tf_dmd": _dmd, "df_dmd": _dmd,
                 "sf": _dmd + ("kv_grad", "exit_step", "restrict")}
 
 class UserError(Exception):
@@ -260,7 +261,7 @@ class Block(nn.Module):
 
     def __init__(self, D, nh, layer):
         super().__init__()
-        self.norm1, self.norm2 = (nn.LayerNorm(D, elementwise_affine=False, eps=1e-6) for _ in "12")
+        self.norm1, self.norm2 = (nn.LayerNorm(D, elementwise_affine=False, eps=1e-6) for _ in range(2))
         self.attn = Attention(D, nh, layer)
         self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(approximate="tanh"), nn.Linear(4 * D, D))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
@@ -357,8 +358,7 @@ class KVCache:
     def __init__(self, depth, n_tokens, window, sink=0):
         self.k, self.v = [[] for _ in range(depth)], [[] for _ in range(depth)]  # per layer, per frame
         self.N, self.window, self.sink = n_tokens, window, sink
-        self.frames = []  # absolute frame index of every cached frame, in slot order
-        self.straight_through = False
+        self.frames, self.straight_through = [], False  # absolute frame index of every cached frame, in slot order
 
     def begin(self, pos):
         # Per FRAME and shared by all layers; update() applies it to each layer's slots.
