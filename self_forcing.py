@@ -37,10 +37,8 @@ prompts, the ODE init from the causal TF model, DMD's real score guided at 1.5):
 import argparse
 import copy
 import dataclasses
-import inspect
 import math
 import os
-import re
 import sys
 import time
 
@@ -124,29 +122,27 @@ STAGE_FIELDS = {"teacher": _teacher, "tf": _diffusion, "df": _diffusion, "ode": 
                 "sf": _dmd + ("kv_grad", "exit_step", "restrict")}
 
 class UserError(Exception):
-    """Bad input: printed as one line, exit code 2, nothing destroyed."""
+    """Bad input: printed as one line, exit code 2 (130: interrupted), nothing destroyed."""
+    def __init__(self, message, code=2):
+        super().__init__(message)
+        self.code = code
 
 def check_config(c):
-    """Bad values end the run with one clear line (see main): each rule is (broken?, what to say)."""
-    for f in ("size", "patch", "width", "depth", "frames", "chunk", "few_steps", "euler_steps", "batch",
-              "teacher_iters", "critic_ratio", "n_eval"):  # first: the rules below divide by some of these
-        if getattr(c, f) < 1:
-            raise UserError(f"{f}={getattr(c, f)} must be at least 1")
-    choices = dict(ode_teacher=("tf", "bidir"), critic_sigma=("dmd", "teacher"), kv_grad=("detach", "st"),
-                   exit_step=("random", "last"))
-    rules = [(getattr(c, f) not in ok, f"{f}={getattr(c, f)!r}: choose {' or '.join(ok)}") for f, ok in
-             choices.items()] + [
+    """Bad values end the run with one clear line (see main): each field's range first (the rules divide by
+    some of them), then each rule, (broken?, what to say)."""
+    toy_data.check_fields(c, UserError, at_least_1=(
+        "size", "patch", "width", "depth", "frames", "chunk", "few_steps", "euler_steps", "batch", "teacher_iters",
+        "ode_iters", "diffusion_iters", "distill_iters", "critic_ratio", "n_eval"),
+        positive=("lr", "lr_gen", "lr_critic", "speed", "radius"), non_negative=("gravity", "cfg", "real_cfg", "seed"),
+        choices=dict(ode_teacher=("tf", "bidir"), critic_sigma=("dmd", "teacher"), kv_grad=("detach", "st"),
+                     exit_step=("random", "last"), n_objects=(1, 2, 3)), rules=lambda: [
         (c.size % c.patch, f"size={c.size} is not a multiple of patch={c.patch}"),
         (c.width % (8 * HEADS), f"width={c.width} must be a multiple of {8 * HEADS} ({HEADS} heads, 3D RoPE)"),
         (c.frames % c.chunk, f"frames={c.frames} is not a multiple of chunk={c.chunk}"),
         (c.euler_steps % c.few_steps, f"euler_steps={c.euler_steps} must be a multiple of few_steps={c.few_steps}"),
-        (c.n_objects not in (1, 2, 3), "n_objects must be 1, 2 or 3 (one object per colour channel)"),
         (c.restrict and c.frames < 2 * c.chunk, "restrict needs at least two chunks per clip"),
-        (not c.speed > 0, f"speed={c.speed} must be > 0"),
-        (c.gravity < 0, f"gravity={c.gravity} must be >= 0 (y grows downwards: > 0 falls)")]
-    for broken, message in rules:
-        if broken:
-            raise UserError(message)
+        (toy_data.walls(c.size, c.radius)[0] >= toy_data.walls(c.size, c.radius)[1],
+         f"radius={c.radius}: the shapes do not fit a {c.size}-pixel frame")])
 
 # ####################################################################################################
 # 2. Flow matching and the few-step schedule
@@ -388,23 +384,18 @@ class KVCache:
 # ####################################################################################################
 # 5. Training loop, checkpoints, data
 
-def save(path, obj):
-    """Atomic: write a temp file, then rename, so an interrupted save never corrupts a checkpoint."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-def load(path, c, what, finished=True, fields=MODEL_FIELDS):
-    """A checkpoint for a later stage (or, finished=False, for resuming its own), made with this run's
+def load(path, c, what, fields=MODEL_FIELDS):
+    """A finished checkpoint for a later stage (or a stage's own, to resume it), made with this run's
     `fields` (the model's; train() passes all that the stage is made from, STAGE_FIELDS)."""
     if not os.path.exists(path):
-        raise UserError(f"missing checkpoint {path}: run the `{what}` stage first")
+        raise UserError(f"checkpoint {path} is unfinished: run its stage again to finish it" if os.path.exists(
+            path[:-3] + ".part.pt") else f"missing checkpoint {path}: run the `{what}` stage first")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  truncated or foreign file
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}")
-    if finished and ck["step"] < ck.get("iters", 0):  # an interrupted stage: nothing may build on it
-        raise UserError(f"checkpoint {path} is unfinished ({ck['step']} of {ck['iters']} steps): "
-                        "run its stage again to finish it")
+    if not (isinstance(ck, dict) and {"config", "step", "iters", "ema"} <= ck.keys()):
+        raise UserError(f"{path} is not a checkpoint of self_forcing.py")
     for f in fields:
         have = ck["config"].get(f, getattr(Config, f))  # a field it predates: the default
         if have != getattr(c, f):
@@ -423,45 +414,65 @@ def ema_update(ema, model, decay, step):
     with torch.no_grad():  # one fused kernel per tensor list, not one per parameter
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
-def train(c, name, nets, step_fn, iters, ema_decay):
+def train(c, name, nets, step_fn, iters, ema_decay, fresh=False):
     """Generic loop: step_fn(it) -> dict of loss tensors (it steps its own optimizers), then the EMA of
-    nets["model"] into nets["ema"]. A stage is a checkpoint file: finished, it is reused; unfinished, it is
-    resumed (losing at most CKPT_EVERY steps); either only by a run that would make the same checkpoint.
-    A NaN/Inf loss stops the stage with the last good checkpoint kept."""
-    path, start, cuda = os.path.join(c.out, name + ".pt"), 0, c.device.startswith("cuda")
-    if os.path.exists(path):
-        ck = load(path, c, name, False, STAGE_FIELDS["sf" if name.startswith("sf") else name])
+    nets["model"] into nets["ema"]. A stage's checkpoint NAME.pt is written when it finishes (reused by a run
+    that would make the same one); NAME.part.pt every CKPT_EVERY steps and on Ctrl-C (the same command resumes
+    it; --fresh starts over, NAME.pt kept until replaced). A NaN/Inf loss or weight stops it, unsaved."""
+    (path, part), cuda = (os.path.join(c.out, name + e) for e in (".pt", ".part.pt")), c.device.startswith("cuda")
+    try:  # one process per stage and folder; Ctrl-C finishes the step in flight and saves it
+        guard = toy_data.Guard(os.path.join(c.out, f".{name}.lock"))
+    except BlockingIOError as e:
+        raise UserError(f"{name} in {c.out} is being trained by process {e}: wait for it, or use another --out")
+    # resume: an unfinished run first, else a finished one (more steps asked); --fresh: neither
+    start, kept = 0, None if fresh else part if os.path.exists(part) else path if os.path.exists(path) else None
+    if kept:
+        ck = load(kept, c, name, STAGE_FIELDS["sf" if name.startswith("sf") else name])
         start = ck["step"]
         if start > iters:
-            raise UserError(f"checkpoint {path} was made with {start} steps, this run asks for {iters} steps "
+            raise UserError(f"checkpoint {kept} was made with {start} steps, this run asks for {iters} steps "
                             "(--fresh to retrain it, or another --out for a variant)")
-        if start == iters:  # later stages read only its "ema" weights
+        if start == iters and kept == path:  # later stages read only its "ema" weights
             return print(f"[{name}] reusing finished checkpoint {path} ({start} steps)")
         for k, m in nets.items():
             m.load_state_dict(ck[k])
         torch.set_rng_state(ck["rng"]["cpu"])  # the random draws go on where they stopped (tested)
         if cuda:
             torch.cuda.set_rng_state(ck["rng"]["cuda"])
-        print(f"[{name}] resuming from step {start}")
-    checkpoint = lambda step: save(path, {  # noqa: E731
-        "config": dataclasses.asdict(c), "step": step, "iters": iters, **{k: m.state_dict() for k, m in nets.items()},
-        "rng": {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}})
+        print(f"[{name}] resuming from step {start} of {kept}")
+
+    def checkpoint(step):  # atomic: a temp file renamed, so an interrupted save never corrupts a checkpoint
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
+        ck = {"config": dataclasses.asdict(c), "step": step, "iters": iters, "rng": rng, **{k: m.state_dict()
+                                                                                          for k, m in nets.items()}}
+        toy_data.atomic(part, lambda tmp: torch.save(ck, tmp))
 
     t0, bar = time.time(), tqdm(range(start, iters), desc=name, dynamic_ncols=True, mininterval=1)
     avg, shown, t_read = {}, {}, t0
-    for it in bar:
-        losses = step_fn(it)  # tensors: reading one (.item()) makes the CPU wait for the GPU to catch up
-        # so they are averaged where they are (a NaN, once in, stays in), and read about once a second
-        avg = {k: v.detach() if k not in avg else 0.98 * avg[k] + 0.02 * v.detach() for k, v in losses.items()}
-        ema_update(nets["ema"], nets["model"], ema_decay, it)
-        save_now = (it + 1) % CKPT_EVERY == 0 or it + 1 == iters
-        if save_now or time.time() > t_read + 1:  # always before a checkpoint: a NaN never gets saved
-            shown, t_read = {k: v.item() for k, v in avg.items()}, time.time()
-            for k in [k for k, v in shown.items() if not math.isfinite(v)]:
-                raise UserError(f"[{name}] {k} is {shown[k]} by step {it}: stopped; last good checkpoint: {path}")
-            bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
-        if save_now:
-            checkpoint(it + 1)
+    with guard:
+        for it in bar:
+            losses = step_fn(it)  # tensors: reading one (.item()) makes the CPU wait for the GPU to catch up
+            # so they are averaged where they are (a NaN, once in, stays in), and read about once a second
+            avg = {k: v.detach() if k not in avg else 0.98 * avg[k] + 0.02 * v.detach() for k, v in losses.items()}
+            ema_update(nets["ema"], nets["model"], ema_decay, it)
+            save_now = (it + 1) % CKPT_EVERY == 0 or it + 1 == iters or guard.stop
+            if save_now or time.time() > t_read + 1:  # always before a checkpoint: a NaN never gets saved
+                shown, t_read = {k: v.item() for k, v in avg.items()}, time.time()
+                weights = (p for m in nets.values() if isinstance(m, nn.Module) for p in m.parameters())
+                bad = [f"{k} is {v}" for k, v in shown.items() if not math.isfinite(v)] + [  # an update can overflow
+                    "a weight is not finite"] * (save_now and not all(bool(w.isfinite().all()) for w in weights))
+                if bad:
+                    raise UserError(f"[{name}] {bad[0]} by step {it + 1}: stopped; last good checkpoint: "
+                                    f"{kept or 'none yet'}")
+                bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
+            if save_now:
+                checkpoint(it + 1)
+                kept = part
+            if guard.stop and it + 1 < iters:
+                bar.close()
+                raise UserError(f"[{name}] interrupted at step {it + 1}: saved {kept}, the same command "
+                                f"{'without --fresh ' * fresh}resumes from it", code=130)  # 130: as a shell says
+    os.replace(part, path)  # finished: NAME.pt, replaced only now
     print(f"[{name}] done: {iters - start} steps in {time.time() - t0:.0f}s, "
           + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
@@ -507,7 +518,7 @@ def flow_matching_loss(model, x0, y, sigma, **kw):
 # matching on real clips. Every causal model starts from its weights; DMD uses it as the real score and
 # initialises the critic from it. Label dropout trains the unconditional model CFG needs.
 
-def train_teacher(c):
+def train_teacher(c, fresh=False):
     data, model = Data(c), build(c)
     ema, opt = copy.deepcopy(model).requires_grad_(False), adamw(model, c.lr)
 
@@ -517,7 +528,7 @@ def train_teacher(c):
         optimize(opt, loss := flow_matching_loss(model, x0, drop_labels(y), sigma), model)
         return {"loss": loss}
 
-    train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, step, c.teacher_iters, EMA)
+    train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, step, c.teacher_iters, EMA, fresh)
 
 # The teacher samples the whole clip at once: Euler steps along the flow, x <- x + (sigma' - sigma) v,
 # from sigma = 1 (noise) to 0 (data), on the shifted grid. Recording x at every (euler_steps / K)-th step
@@ -579,7 +590,7 @@ def ode_trajectories(c, teacher, y):
     keep = range(0, c.euler_steps, c.euler_steps // c.few_steps)  # few-step sigma k = Euler index k * stride
     return torch.stack([torch.cat([steps[i] for steps in trace["inputs"]], 1) for i in keep], 1), x0
 
-def train_ode(c):
+def train_ode(c, fresh=False):
     """CausVid / Self Forcing init: regress the block-causal student onto a teacher's ODE solution.
     Pairs: x at the few-step grid's sigmas along teacher trajectories -> the trajectory's clean end."""
     name, stage = ("teacher", "teacher") if c.ode_teacher == "bidir" else ("tf", "diffusion --context tf")
@@ -606,13 +617,13 @@ def train_ode(c):
         optimize(opt, loss := Fn.mse_loss(x0_hat, x0s[i]), model)
         return {"loss": loss}
 
-    train(c, "ode", {"model": model, "ema": ema, "opt": opt}, step, c.ode_iters, EMA)
+    train(c, "ode", {"model": model, "ema": ema, "opt": opt}, step, c.ode_iters, EMA, fresh)
 
 # TF and DF are the two ways to train a causal model on real videos in parallel (paper Sec. 2, Fig. 2a-b).
 # Both see only REAL frames as context during training; at inference both see their own outputs. That
 # train-test mismatch (exposure bias) is what Self Forcing removes.
 
-def train_diffusion(c, context):
+def train_diffusion(c, context, fresh=False):
     """Many-step causal baselines by flow matching on real clips, a noise level per chunk (official).
     TF: each noisy chunk sees the CLEAN real earlier chunks. DF: it sees the NOISY real earlier chunks."""
     teacher = load(os.path.join(c.out, "teacher.pt"), c, "teacher")
@@ -627,7 +638,7 @@ def train_diffusion(c, context):
         optimize(opt, loss := Fn.mse_loss(v, eps - x0), model)
         return {"loss": loss}
 
-    train(c, context, {"model": model, "ema": ema, "opt": opt}, step, c.diffusion_iters, EMA)
+    train(c, context, {"model": model, "ema": ema, "opt": opt}, step, c.diffusion_iters, EMA, fresh)
 
 # ####################################################################################################
 # 8. Autoregressive rollout: Algorithm 1 (training) and inference are the SAME loop
@@ -656,8 +667,7 @@ def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, wi
     s = len(sigmas) - 1 if exit_step is None else exit_step  # inference: always exit at the last step
     train_mode = torch.is_grad_enabled()  # the caller decides: no_grad for sampling, grad for Alg. 1
     cache = KVCache(len(model.blocks), model.N, window or c.frames, sink)  # fresh per rollout; rolls past window
-    trace = {} if trace is None else trace
-    out = []
+    trace, out = {} if trace is None else trace, []  # out: the chunks' outputs
     for f0 in range(0, n_frames, ch):  # Alg. 1 line 3: for each chunk i = 1..N
         pos = range(f0, f0 + ch)  # ABSOLUTE frame indices (RoPE, cache slots)
         # Alg. 1 line 4: the chunk starts from pure Gaussian noise, x (B, ch, C, H, W)
@@ -734,7 +744,7 @@ def distilled_name(c, context):
     """distill --context self | tf | df -> sf | tf_dmd | df_dmd; with the Sec. 3.4 restriction: sf_restrict."""
     return {"self": "sf", "tf": "tf_dmd", "df": "df_dmd"}[context] + "_restrict" * (context == "self" and c.restrict)
 
-def distill(c, context):
+def distill(c, context, fresh=False):
     """Generator: ODE init. Real score: the frozen teacher. Critic: its own copy of the teacher, trained
     by flow matching on the generator's (detached) outputs, critic_ratio updates per generator update."""
     teacher = build(c, load(os.path.join(c.out, "teacher.pt"), c, "teacher")["ema"]).eval().requires_grad_(False)
@@ -782,7 +792,7 @@ def distill(c, context):
         return {"dmd": lg, "critic": lc}
 
     nets = {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
-    train(c, distilled_name(c, context), nets, step, c.distill_iters, EMA_DMD)
+    train(c, distilled_name(c, context), nets, step, c.distill_iters, EMA_DMD, fresh)
 
 # ####################################################################################################
 # 10. Evaluation: every method, same labels and seeds, at 1x and far past the training length
@@ -798,35 +808,28 @@ def nfe_per_frame(kind, c, n_frames):
     chunks, (steps, mult) = n_frames // c.chunk, (c.few_steps, 1) if kind == "few" else (c.euler_steps, 2)
     return 2 * c.euler_steps if kind == "teacher" else mult * (chunks * steps + chunks - 1) / n_frames
 
-def eval_set(c, L):
-    """What every method is judged on: real videos of L frames (labels: the prompts), the real mean speed."""
-    real = toy_data.make_videos(c.n_eval, L, c.size, c.n_objects, c.radius, c.speed, seed=10_000 + c.seed,
-                                gravity=c.gravity)
-    v_real = toy_data.real_speed(c.size, c.n_objects, c.radius, c.speed, gravity=c.gravity)
-    return real, torch.from_numpy(real["labels"]).to(c.device), v_real
-
 def eval_noise(c, L):
     """ONE starting noise for every method, the RNG re-seeded (fresh noise repeats too): rows differ by method."""
     torch.manual_seed(c.seed + 99)
     return torch.randn(c.n_eval, L, 3, c.size, c.size, device=c.device)
 
-def evaluate(c, long=False):
+def evaluate(c, long=False, need=()):
     """Scores every trained method with toy_data's metrics on the same labels and noise. The table: quality
     at 1x and LONG x the training length (results.md/json, compare.gif), and one sample of each rolled out
-    to 16x for the figure (trails.png). long: quality per segment up to 16x (results_long.md/json)."""
-    mult = 16 if long else LONG
-    L = c.frames * mult
-    real, y, v_real = eval_set(c, L)
-    score = lambda v, n: toy_data.score(v[:, :n], real["labels"], v_real, c.frames, c.n_objects, c.radius,  # noqa
-                                        gravity=c.gravity)
-    results = {"real": {"label": "real data", "1x": score(real["videos"], c.frames), "long": score(real["videos"], L)}}
-    videos = {"real": real["videos"][0]}
-    trails = {"real": toy_data.make_videos(1, 16 * c.frames, c.size, c.n_objects, c.radius, c.speed, c.seed,
-                                           real["labels"][:1], c.gravity)["videos"][0]}
+    to 16x for the figure (trails.png). long: quality per segment up to 16x (results_long.md/json).
+    need: the methods that must be there (the demo's), or nothing is written."""
+    L = c.frames * (mult := 16 if long else LONG)
+    ev = toy_data.EvalSet(c.n_eval, L, c.frames, c.size, c.n_objects, c.radius, c.speed, c.seed, c.gravity)
+    y, results, videos, trails = torch.from_numpy(ev.labels).to(c.device), ev.results, ev.videos, ev.trails
     runs = [(n, label, kind, 0) for n, label, kind in METHODS if not (long and kind == "teacher")]
     if long:  # Self Forcing with a sink (its first chunk kept in the cache forever), and restricted (Sec. 3.4)
         runs += [("sf", f"SF + sink of {c.chunk}", "few", c.chunk), ("sf_restrict", "SF, restricted", "few", 0)]
-    for name, label, kind, sink in [r for r in runs if os.path.exists(os.path.join(c.out, r[0] + ".pt"))]:
+    missing = [r for r in runs if not os.path.exists(os.path.join(c.out, r[0] + ".pt"))]
+    if len(missing) == len(runs) or {r[0] for r in missing} & set(need):
+        raise UserError(f"cannot evaluate {c.out}: no {', '.join(r[0] + '.pt' for r in missing)} (train them first)")
+    for name, label, *_ in missing:
+        print(f"[eval] left out {label}: no {name}.pt in {c.out}")
+    for name, label, kind, sink in [r for r in runs if r not in missing]:
         model = build(c, load(os.path.join(c.out, name + ".pt"), c, name)["ema"]).eval()
         n = c.frames if kind == "teacher" else L  # the bidirectional teacher makes one clip of its length
         generate(model, kind, y[:256], c.frames, c)  # untimed warm-up: first calls pay one-time costs
@@ -835,9 +838,9 @@ def evaluate(c, long=False):
         vids = generate(model, kind, y, n, c, noise, sink).cpu().numpy()  # (n_eval, n, C, H, W)
         r = {"label": label, "nfe_per_frame": nfe_per_frame(kind, c, n),
              "ms_per_frame": 1000 * (time.time() - t0) / (c.n_eval * n),  # batched wall-clock (.cpu() waits)
-             "1x": score(vids, c.frames)}  # a causal rollout's first frames: its 1x video
+             "1x": ev.score(vids, c.frames)}  # a causal rollout's first frames: its 1x video
         if kind != "teacher":
-            r["long"] = score(vids, L)
+            r["long"] = ev.score(vids, L)
         results[name + (f"_sink{sink}" if sink else "")], videos[name] = r, vids[0]
         if not long and kind != "teacher":  # the figure: the first sample, rolled out to 16x
             torch.manual_seed(c.seed + 98)  # the same noise for every method
@@ -852,11 +855,9 @@ def evaluate(c, long=False):
 # 11. CLI
 
 def sample_stage(c, name, n_videos, n_frames):
-    kind = {m: k for m, _, k in METHODS}.get(name)
-    if kind is None:
-        raise UserError(f"--model={name!r}: choose one of {', '.join(n for n, _, _ in METHODS)}")
-    if n_frames % c.chunk:
-        raise UserError(f"--n_frames={n_frames} is not a multiple of chunk={c.chunk}")
+    kind = {m: k for m, _, k in METHODS}[name]  # name: one of METHODS (argparse checks)
+    if n_videos < 1 or n_frames < 1 or n_frames % c.chunk:
+        raise UserError(f"--n={n_videos} --n_frames={n_frames}: at least 1, and frames a multiple of chunk={c.chunk}")
     model = build(c, load(os.path.join(c.out, name + ".pt"), c, name)["ema"]).eval()
     torch.manual_seed(c.seed)
     y = torch.arange(n_videos, device=c.device) % model.n_classes
@@ -876,30 +877,29 @@ STAGES = {
 def parse(argv):
     p = argparse.ArgumentParser(
         description="Self Forcing, minimal. Stages:\n" + "\n".join(f"  {k:9s} {v}" for k, v in STAGES.items()),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.error = lambda msg: (print(f"error: {msg}", file=sys.stderr), sys.exit(2))  # one line, exit 2
     p.add_argument("stage", nargs="?", default="demo", choices=list(STAGES), metavar="STAGE")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS))
     p.add_argument("--fresh", action="store_true", help="retrain this stage even if a checkpoint exists")
     p.add_argument("--context", default=None, help="tf | df for diffusion; self | tf | df for distill")
-    p.add_argument("--model", default="sf", help="sample: the checkpoint to sample from")
+    p.add_argument("--model", default="sf", choices=[m for m, _, _ in METHODS], help="sample: the checkpoint to sample")
     p.add_argument("--n", type=int, default=16, help="sample: videos to write")
-    p.add_argument("--n_frames", type=int, default=0, help="sample: frames per video (default: frames)")
+    p.add_argument("--n_frames", type=int, default=None, help="sample: frames per video (default: frames)")
     p.add_argument("--long", action="store_true", help="eval: rollouts to 16x, quality per segment")
-    notes = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(Config), re.M))  # field comments
-    for f in dataclasses.fields(Config):
-        typ = (lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool") else \
-            {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-        p.add_argument(f"--{f.name}", type=typ, default=None, metavar=type(f.default).__name__.upper(),
-                       help=f"{notes.get(f.name, '')} [cpu preset: {PRESETS['cpu'].get(f.name, f.default)}]")
-    return p.parse_args(argv)
+    toy_data.config_flags(p, Config, {f.name: f"cpu preset: {PRESETS['cpu'].get(f.name, f.default)}"
+                                      for f in dataclasses.fields(Config)})  # every field, its comment the help
+    return toy_data.parse_known_flags(p, argv)
 
 def make_config(args):
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     c = Config(**{**PRESETS[args.preset], **given})
     check_config(c)
-    if c.device == "auto":
-        c.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    have = ["cpu", *gpus] + ["mps"] * torch.backends.mps.is_available()
+    c.device = ("cuda" if "cuda:0" in have else have[-1]) if c.device == "auto" else c.device  # auto: cuda, mps, cpu
+    if c.device not in have + ["cuda"] * ("cuda:0" in have):
+        raise UserError(f"--device={c.device}: this machine has {', '.join(have)} (or auto)")
     c.out = c.out or os.path.join("runs", args.preset + ("_gravity" if c.gravity else ""))
     try:
         os.makedirs(c.out, exist_ok=True)
@@ -912,12 +912,9 @@ def make_config(args):
 def run_stage(c, stage, context=None, fresh=False):
     """One stage, from its own seed: the demo, which runs every stage in one process, gives the same
     checkpoints as the stages run one by one, whatever ran before (no stage depends on RNG order)."""
-    name = distilled_name(c, context) if stage == "distill" else context if stage == "diffusion" else stage
-    if fresh and os.path.exists(os.path.join(c.out, f"{name}.pt")):  # retrain: forget the checkpoint
-        os.remove(os.path.join(c.out, f"{name}.pt"))
     torch.manual_seed(c.seed)
-    {"teacher": lambda: train_teacher(c), "ode": lambda: train_ode(c),
-     "diffusion": lambda: train_diffusion(c, context), "distill": lambda: distill(c, context)}[stage]()
+    {"teacher": lambda: train_teacher(c, fresh), "ode": lambda: train_ode(c, fresh),
+     "diffusion": lambda: train_diffusion(c, context, fresh), "distill": lambda: distill(c, context, fresh)}[stage]()
 
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
@@ -934,17 +931,20 @@ def main(argv=None):
                                ("distill", "df"), ("distill", "self")]:
                 run_stage(c, stage, ctx, args.fresh)
                 print(f"[demo] {stage} {ctx or ''} finished at {time.time() - t0:.0f}s")
-            evaluate(c)
+            evaluate(c, need=("teacher", "tf", "df", "ode", "df_dmd", "sf"))
             print(f"[demo] done in {time.time() - t0:.0f}s")
         elif args.stage == "sample":
-            sample_stage(c, args.model, args.n, args.n_frames or c.frames)
+            sample_stage(c, args.model, args.n, c.frames if args.n_frames is None else args.n_frames)
         elif args.stage == "eval":
             evaluate(c, args.long)
         else:
             run_stage(c, args.stage, args.context, args.fresh)
+    except KeyboardInterrupt:  # outside a training loop (data, ODE pairs, evaluation): nothing half-written
+        print("\ninterrupted: finished checkpoints are kept, the same command goes on from them", file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{'error: ' * (e.code == 2)}{e}", file=sys.stderr)
+        sys.exit(e.code)
 
 if __name__ == "__main__":
     main()

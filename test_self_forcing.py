@@ -2,6 +2,11 @@
 instead of a cache, an analytic Gaussian score, the true physics). Run: python -m pytest -q"""
 import dataclasses
 import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -582,7 +587,8 @@ def test_eval_scores_the_videos_of_its_seeded_noise_whatever_ran_before(run_dir,
     torch.randn(7)
     sf.evaluate(c)
     L = c.frames * sf.LONG
-    _, y, _ = sf.eval_set(c, L)
+    y = torch.from_numpy(toy_data.EvalSet(c.n_eval, L, c.frames, c.size, c.n_objects, c.radius, c.speed, c.seed,
+                                          c.gravity).labels)
     model = sf.build(c, torch.load(tmp_path / "ode.pt", weights_only=True)["ema"]).eval()
     ref = sf.generate(model, "few", y, L, c, sf.eval_noise(c, L))[:, :c.frames].numpy()
     assert any(v.shape == ref.shape and np.array_equal(v, ref) for v in scored)
@@ -617,20 +623,20 @@ def test_trails_figure_shows_motion_as_slanted_lines(tmp_path):
 
 class spy_steps:
     """Wrap sf.train so that every training step's (index, losses) is appended to `seen`; with
-    interrupt_at, step `interrupt_at` raises KeyboardInterrupt instead (a Ctrl-C)."""
+    interrupt_at, the process gets a real SIGINT (a Ctrl-C) during step `interrupt_at`."""
 
     def __init__(self, seen, interrupt_at=None):
         self.seen, self.orig, self.interrupt_at = seen, sf.train, interrupt_at
 
     def __enter__(self):
-        def train(c_, name, nets, step_fn, iters, ema_decay=None):
+        def train(c_, name, nets, step_fn, iters, *rest):
             def step(it):
                 if it == self.interrupt_at:
-                    raise KeyboardInterrupt
+                    os.kill(os.getpid(), signal.SIGINT)
                 out = step_fn(it)
                 self.seen.append((it, out))
                 return out
-            return self.orig(c_, name, nets, step, iters, ema_decay)
+            return self.orig(c_, name, nets, step, iters, *rest)
         sf.train = train
 
     def __exit__(self, *a):
@@ -799,39 +805,54 @@ def test_checkpoint_round_trip_and_resume(tmp_path, monkeypatch):
     assert sf.load(str(tmp_path / "teacher.pt"), c, "teacher")["step"] == 6
 
 
-def test_an_interrupted_and_resumed_stage_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    """The checkpoint keeps the random state: after a resume the batches and noise continue where they
-    stopped instead of replaying the first steps' (every stage starts from torch.manual_seed(seed))."""
-    monkeypatch.setattr(sf, "CKPT_EVERY", 3)
+def test_a_stage_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Ctrl-C finishes the step and saves NAME.part.pt; the same command resumes from it, and the random state
+    it keeps makes the batches and noise continue where they stopped (every stage starts from
+    torch.manual_seed(seed)): the result is bit-identical to an uninterrupted run."""
+    monkeypatch.setattr(sf, "CKPT_EVERY", 100)  # no periodic checkpoint: Ctrl-C's is the only one
     finals = []
-    for name, stops in (("whole", (6,)), ("resumed", (3, 6))):
-        c = cfg(out=str(tmp_path / name))
+    for name, interrupt in (("whole", None), ("resumed", 2)):
+        c = cfg(out=str(tmp_path / name), teacher_iters=6)
         os.makedirs(c.out)
-        for n in stops:
-            torch.manual_seed(c.seed)  # as run_stage does
-            c.teacher_iters = n
+        torch.manual_seed(c.seed)  # as run_stage does
+        seen = []
+        with spy_steps(seen, interrupt_at=interrupt), pytest.raises(sf.UserError) if interrupt else nullcontext():
             sf.train_teacher(c)
+        if interrupt:  # the step in flight finished and was saved; no finished checkpoint exists yet
+            assert [it for it, _ in seen] == [0, 1, 2] and not os.path.exists(tmp_path / name / "teacher.pt")
+            assert torch.load(tmp_path / name / "teacher.part.pt", weights_only=True)["step"] == 3
+            with pytest.raises(sf.UserError, match="unfinished: run its stage again"):  # nothing builds on it
+                sf.load(str(tmp_path / name / "teacher.pt"), c, "teacher")
+            torch.manual_seed(c.seed)
+            seen = []
+            with spy_steps(seen):
+                sf.train_teacher(c)
+            assert [it for it, _ in seen] == [3, 4, 5] and not os.path.exists(tmp_path / name / "teacher.part.pt")
         finals.append(torch.load(tmp_path / name / "teacher.pt", weights_only=True))
     for k in ("model", "ema"):
         assert all(torch.equal(finals[0][k][p], finals[1][k][p]) for p in finals[0][k])
 
 
-def test_a_later_stage_refuses_an_unfinished_checkpoint(tmp_path, monkeypatch, capsys):
-    # Interrupted at step 3 of 6: training resumes from it, but a later stage must not build on it (it
-    # happened: ODE pairs made, without a word, from a TF model stopped at step 1500 of 2000).
-    monkeypatch.setattr(sf, "CKPT_EVERY", 3)
-    c = cfg(out=str(tmp_path), teacher_iters=6)
-    with spy_steps([], interrupt_at=4), pytest.raises(KeyboardInterrupt):  # Ctrl-C after the step-3 checkpoint
-        sf.train_teacher(c)
-    with pytest.raises(sf.UserError, match=r"unfinished \(3 of 6 steps\): run its stage again"):
-        sf.load(str(tmp_path / "teacher.pt"), c, "teacher")
-    capsys.readouterr()
+def test_ctrl_c_on_a_process_prints_one_line_and_a_second_process_is_refused(tmp_path, capsys):
+    """The real thing: a stage training in a subprocess holds its lock (a second process on the same stage and
+    folder stops at once, naming it), and SIGINT ends it with one line, exit 130, the step saved."""
+    p = subprocess.Popen([sys.executable, "self_forcing.py", "teacher", "--preset=test", "--teacher_iters=100000",
+                          f"--out={tmp_path}", "--device=cpu"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err, deadline = "", time.time() + 60
+    while "teacher:" not in err and time.time() < deadline:  # tqdm's bar: the loop has started
+        err += p.stderr.read(1)
     with pytest.raises(SystemExit) as e:
-        sf.main(["ode", "--preset", "test", "--ode_teacher=bidir", f"--out={tmp_path}", "--device=cpu"])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "unfinished" in err and "\n" not in err
-    sf.train_teacher(c)  # resuming it finishes it; then it loads
-    assert sf.load(str(tmp_path / "teacher.pt"), c, "teacher")["step"] == 6
+        sf.main(["teacher", "--preset=test", f"--out={tmp_path}", "--device=cpu"])
+    assert e.value.code == 2 and f"being trained by process {p.pid}" in capsys.readouterr().err
+    p.send_signal(signal.SIGINT)
+    err += p.stderr.read()
+    assert p.wait(30) == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    step = int(last.split("interrupted at step ")[1].split(":")[0])
+    assert f"saved {tmp_path}/teacher.part.pt, the same command resumes from it" in last, last
+    assert torch.load(tmp_path / "teacher.part.pt", weights_only=True)["step"] == step
+    toy_data.Guard(str(tmp_path / ".teacher.lock")).file.close()  # the ended process's lock is free again
 
 
 def test_sample_stage_writes_npz_and_gif(run_dir):
@@ -844,28 +865,60 @@ def test_sample_stage_writes_npz_and_gif(run_dir):
     assert os.path.getsize(os.path.join(run_dir, "samples_sf.gif")) > 0
 
 
-@pytest.mark.parametrize("args,needle", [
+@pytest.mark.parametrize("args,needle", [  # every bad value: one line, exit 2, nothing written ({tmp}: a folder)
     (["bogus"], "invalid choice"),
-    (["--widht=3"], "unrecognized"),
+    (["--widht=3"], "unknown flag --widht (did you mean --width?)"),
+    (["--techer_iters", "100"], "unknown flag --techer_iters (did you mean --teacher_iters?)"),  # not "stage 100"
+    (["--teacher=100"], "unknown flag --teacher"),  # no abbreviations: --teacher is not --teacher_iters
     (["--width=abc"], "invalid int"),
+    (["--restrict=ture"], "invalid boolean value: 'ture'"),  # not read as False
     (["--frames=5"], "multiple of chunk"),
     (["--chunk=0"], "chunk=0 must be at least 1"),  # checked before anything divides by it
+    (["--ode_iters=0"], "ode_iters=0 must be at least 1"),
+    (["--distill_iters=0"], "distill_iters=0 must be at least 1"),
+    (["--n_eval=0"], "n_eval=0 must be at least 1"),
     (["--width=48"], "multiple of 32"),
+    (["--lr=-1"], "lr=-1.0 must be a finite number > 0"),
+    (["--lr=nan"], "lr=nan must be a finite number > 0"),
+    (["--lr_gen=0"], "lr_gen=0.0 must be a finite number > 0"),
+    (["--speed=inf"], "speed=inf must be a finite number > 0"),
+    (["--radius=-1"], "radius=-1.0 must be a finite number > 0"),  # would train on blank videos
+    (["--radius=3"], "radius=3.0: the shapes do not fit a 8-pixel frame"),
+    (["--gravity=-0.5"], "gravity=-0.5 must be a finite number >= 0"),
+    (["--real_cfg=nan"], "real_cfg=nan must be"),
+    (["--seed=-1"], "seed=-1 must be a finite number >= 0"),
+    (["--n_objects=4"], "n_objects=4: choose 1 or 2 or 3"),
     (["--critic_sigma=both"], "critic_sigma"),
     (["--kv_grad=maybe"], "kv_grad"),
     (["--exit_step=first"], "exit_step"),
-    (["diffusion"], "--context"),
     (["--ode_teacher=wan"], "ode_teacher"),
-    (["ode", "--out=/tmp/sf_empty_dir_for_test"], "diffusion --context tf"),  # the ODE teacher is the TF model
+    (["--device=banana"], "--device=banana: this machine has cpu"),
+    (["--device=cuda:7"], "--device=cuda:7: this machine has cpu"),
+    (["diffusion"], "--context"),
+    (["distill", "--context=sf"], "distill needs --context self | tf | df"),
+    (["ode", "--out={tmp}"], "diffusion --context tf"),  # the ODE teacher is the TF model
+    (["eval", "--out={tmp}"], "cannot evaluate {tmp}: no teacher.pt, tf.pt"),  # not a table without rows
+    (["sample", "--n=0", "--out={tmp}"], "--n=0 --n_frames=4: at least 1"),
+    (["sample", "--n_frames=-2", "--out={tmp}"], "--n=16 --n_frames=-2: at least 1"),
+    (["sample", "--model=wan", "--out={tmp}"], "argument --model: invalid choice: 'wan'"),
+    (["diffusion", "--context=tf", "--out={tmp}/notackpt"], "is not a checkpoint of self_forcing.py"),
+    (["diffusion", "--context=tf", "--out={tmp}/truncated"], "cannot read checkpoint"),
     (["--out=/proc/forbidden"], "cannot write"),
 ])
-def test_cli_bad_input_one_line_exit_2(args, needle, capsys):
+def test_cli_bad_input_one_line_exit_2(args, needle, tmp_path, capsys):
+    if "cuda" in args[0] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for d, content in (("notackpt", {"weights": torch.zeros(2)}), ("truncated", None)):
+        os.makedirs(tmp_path / d)
+        torch.save(content, tmp_path / d / "teacher.pt") if content else (tmp_path / d / "teacher.pt").write_bytes(b"PK\x03")
+    before = sorted(os.listdir(tmp_path))
     with pytest.raises(SystemExit) as e:
-        sf.main(["--preset", "test", *args])
+        sf.main(["--preset", "test", "--device=cpu", *[a.replace("{tmp}", str(tmp_path)) for a in args]])
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     lines = [ln for ln in err.strip().splitlines() if ln]
-    assert len(lines) == 1 and needle in lines[0], err
+    assert len(lines) == 1 and needle.replace("{tmp}", str(tmp_path)) in lines[0], err
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
 
 
 def test_a_finished_stage_is_reused_only_by_a_run_that_would_make_it(run_dir, tmp_path, capsys):
@@ -909,15 +962,53 @@ def test_mismatched_checkpoint_is_refused(run_dir):
         sf.load(os.path.join(run_dir, "broken.pt"), cfg(), "x")
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(sf, "CKPT_EVERY", 3)
+def test_fresh_keeps_the_finished_checkpoint_until_its_replacement_is_finished(tmp_path, monkeypatch):
+    """`--fresh` on a finished stage, then a NaN: the finished checkpoint is still there, loadable, unchanged
+    (it used to be deleted before training), and the stop names it."""
     c = cfg(out=str(tmp_path), teacher_iters=3)
     sf.train_teacher(c)
-    c.teacher_iters = 6
+    before = (tmp_path / "teacher.pt").read_bytes()
     monkeypatch.setattr(sf, "flow_matching_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
-    with pytest.raises(sf.UserError, match="loss is nan by step"):
-        sf.train_teacher(c)
+    with pytest.raises(sf.UserError, match="loss is nan by step 3: stopped; last good checkpoint: none yet"):
+        sf.train_teacher(c, fresh=True)  # --fresh: its own steps from nothing, so nothing of its own is good
+    assert (tmp_path / "teacher.pt").read_bytes() == before
     assert sf.load(str(tmp_path / "teacher.pt"), c, "teacher")["step"] == 3
+    c.teacher_iters = 6  # more steps, trained on from the finished checkpoint: the stop names it
+    with pytest.raises(sf.UserError, match=f"last good checkpoint: {tmp_path}/teacher.pt"):
+        sf.train_teacher(c)
+    assert (tmp_path / "teacher.pt").read_bytes() == before
+
+
+def test_the_nan_guard_checks_the_weights_it_saves(tmp_path, monkeypatch):
+    """The loss is computed before the update, so a finite loss can come with weights the update just broke:
+    the checkpoint checks the weights themselves, and nothing non-finite is ever saved."""
+    monkeypatch.setattr(sf, "CKPT_EVERY", 2)
+    c, orig = cfg(out=str(tmp_path), teacher_iters=6), sf.optimize
+    steps = []
+
+    def optimize(opt, loss, model):  # the update of step 4 (it=3) overflows a weight; its loss was finite
+        orig(opt, loss, model)
+        steps.append(1)
+        if len(steps) == 4:  # just before the step-4 checkpoint
+            model.head.bias.data[0] = float("inf")
+    monkeypatch.setattr(sf, "optimize", optimize)
+    with pytest.raises(sf.UserError, match=f"a weight is not finite by step 4: stopped; last good checkpoint: "
+                                           f"{tmp_path}/teacher.part.pt"):
+        sf.train_teacher(c)
+    ck = torch.load(tmp_path / "teacher.part.pt", weights_only=True)
+    assert ck["step"] == 2 and all(v.isfinite().all() for k in ("model", "ema") for v in ck[k].values())
+
+
+def test_a_bad_sample_request_leaves_the_earlier_samples_byte_identical(run_dir, capsys):
+    run = lambda *a: sf.main(["sample", "--preset=test", f"--out={run_dir}", "--device=cpu", *a])  # noqa: E731
+    run("--n=2")
+    files = {f: open(os.path.join(run_dir, f), "rb").read() for f in ("samples_sf.npz", "samples_sf.gif")}
+    for bad in ("--n=0", "--n=-1", "--n_frames=-2", "--n_frames=3"):
+        with pytest.raises(SystemExit) as e:
+            run(bad)
+        assert e.value.code == 2
+    assert all(open(os.path.join(run_dir, f), "rb").read() == b for f, b in files.items())
+    assert not [f for f in os.listdir(run_dir) if ".tmp" in f]
 
 
 def test_every_config_field_is_a_documented_flag(capsys, monkeypatch):

@@ -15,7 +15,9 @@ and compare. Validity = the object is there, has the right mass, and nothing is 
 follow the data's physics (constant velocity, or gravity) with bounces, at the speed of real data (a
 frozen video scores 0). Semantics = the best-fitting shape family is the label.
 
-Also here, as non-paper code: the side-by-side GIF, the trails figure, the markdown tables of the results.
+Also here, as non-paper code: the side-by-side GIF, the trails figure, the markdown tables of the results
+(`python toy_data.py grid ROOT`: the chunk-wise / frame-wise table of the README's grid), and the plumbing of
+self_forcing.py's command line: its flags, atomic writes, the guard of a training stage (lock, Ctrl-C).
 """
 import numpy as np
 
@@ -333,6 +335,26 @@ def write_gif(path, panels, captions, scale=None, fps=8):
     imageio.mimsave(path, frames, duration=1 / fps, loop=0)
 
 
+class EvalSet:
+    """What self_forcing.evaluate judges every method on, and how: n real videos of L frames (their labels are
+    the prompts) and the real mean speed; score(videos, n) scores the first n frames per segment of the
+    training length. results, videos and trails (the figure's 16x rows) start with the real data's."""
+
+    def __init__(self, n, L, frames, size, n_objects, radius, speed, seed, gravity):
+        self.real = make_videos(n, L, size, n_objects, radius, speed, seed=10_000 + seed, gravity=gravity)
+        self.labels, self.args = self.real["labels"], (frames, n_objects, radius, gravity)
+        self.v_real = real_speed(size, n_objects, radius, speed, gravity=gravity)
+        self.results = {"real": {"label": "real data", "1x": self.score(self.real["videos"], frames),
+                                 "long": self.score(self.real["videos"], L)}}
+        self.videos = {"real": self.real["videos"][0]}
+        self.trails = {"real": make_videos(1, 16 * frames, size, n_objects, radius, speed, seed, self.labels[:1],
+                                           gravity)["videos"][0]}
+
+    def score(self, videos, n):
+        frames, n_objects, radius, gravity = self.args
+        return score(videos[:, :n], self.labels, self.v_real, frames, n_objects, radius, gravity=gravity)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 6. Markdown tables and result files (self_forcing.py's eval)
 
@@ -378,15 +400,13 @@ def write_eval(out, head, results, videos, trails=None):
     table = head + " Quality = valid x physics x speed score (1 is real data) [95% CI]; " + (
         "drift = last segment - first.\n\n" + results_table(results, seg) if trails else
         "per segment ending at Nx the training length.\n\n" + long_table(results, (1, seg // 4, seg // 2, seg)))
-    with open(os.path.join(out, stem + ".json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)  # numpy scalars as floats
-    with open(os.path.join(out, stem + ".md"), "w") as f:
-        f.write(table + "\n")
+    for ext, text in ((".json", json.dumps(results, indent=1, default=float)), (".md", table + "\n")):
+        atomic(os.path.join(out, stem + ext), text)
     print(table)
-    write_gif(os.path.join(out, gif), [to_uint8(v[None])[0] for v in videos.values()],
-              [n.split(" (")[0].replace("_", "+") for n in videos])
+    atomic(os.path.join(out, gif), lambda p: write_gif(p, [to_uint8(v[None])[0] for v in videos.values()],
+                                                       [n.split(" (")[0].replace("_", "+") for n in videos]))
     if trails:
-        write_trails(os.path.join(out, "trails.png"), list(trails.values()), list(trails))
+        atomic(os.path.join(out, "trails.png"), lambda p: write_trails(p, list(trails.values()), list(trails)))
     print(f"[eval] wrote {out}/{stem}.md, {stem}.json, {gif}" + (", trails.png (each object's column in every "
                                                               "frame, time going down)" if trails else ""))
 
@@ -394,8 +414,8 @@ def write_eval(out, head, results, videos, trails=None):
 def write_samples(path, videos, labels):
     """sample's files: path.npz with videos uint8 (N, F, H, W, 3) and labels (N,), and a GIF of the first 8."""
     vids = to_uint8(videos)
-    np.savez(path + ".npz", videos=vids, labels=labels)
-    write_gif(path + ".gif", list(vids[:8]), [SHAPES[i] for i in labels[:8]])
+    atomic(path + ".npz", lambda p: np.savez(p, videos=vids, labels=labels))
+    atomic(path + ".gif", lambda p: write_gif(p, list(vids[:8]), [SHAPES[i] for i in labels[:8]]))
     print(f"[sample] wrote {path}.npz ({vids.shape}) and {path}.gif")
 
 
@@ -411,3 +431,169 @@ def write_trails(path, videos, captions, scale=6):
         cap = np.repeat(caption(c.split(" (")[0], img.shape[1] // 2, 2)[..., None], 3, -1)  # text at 2x
         panels += [np.concatenate([cap, img], 0), np.full((img.shape[0] + cap.shape[0], 6, 3), 64, np.uint8)]
     imageio.imwrite(path, np.concatenate(panels[:-1], 1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. The paper's Table 2 on the toy: chunk-wise and frame-wise, every method, several seeds
+
+GRID = (("tf", "TF"), ("df", "DF"), ("ode", "ODE init"), ("tf_dmd", "TF+DMD"), ("df_dmd", "DF+DMD"),
+        ("sf", "Self Forcing"))
+BASELINES = ("tf", "df", "tf_dmd", "df_dmd")  # what the paper's claims compare Self Forcing with
+
+
+def grid_table(root):
+    """root/seed*/{chunk,frame}/results.json (each an evaluated run, see README) -> grid.md: per seed, each
+    method's quality at 1x and 4x in both settings and the frame-wise - chunk-wise change, then on how many
+    seeds the paper's two claims hold. A change's interval is approximate: sqrt(h1^2 + h2^2) of the two
+    runs' half-widths (the runs are independent models)."""
+    import glob
+    import json
+    import os
+    seeds, lines, held = sorted(glob.glob(os.path.join(root, "seed*"))), [], {}
+    for d in seeds:
+        try:
+            r = {s: json.load(open(os.path.join(d, s, "results.json"))) for s in ("chunk", "frame")}
+        except OSError as e:
+            raise SystemExit(f"error: {e.filename}: {e.strerror} (evaluate both settings first)")
+        hz = lambda s, m, h: r[s][m]["1x" if h == "1x" else "long"]["all"]  # noqa: E731
+        q = lambda s, m, h: (hz(s, m, h)["quality"], *hz(s, m, h)["quality_ci"])  # noqa: E731
+
+        def change(m, h):  # frame-wise - chunk-wise, and its approximate half-width
+            half = [(q(s, m, h)[2] - q(s, m, h)[1]) / 2 for s in ("frame", "chunk")]
+            return q("frame", m, h)[0] - q("chunk", m, h)[0], float(np.hypot(*half))
+
+        lines += [f"\n### {os.path.basename(d)}\n", "| method | chunk-wise 1x | chunk-wise 4x | frame-wise 1x | "
+                  "frame-wise 4x | frame - chunk 1x | frame - chunk 4x | speed ratio 4x chunk / frame |",
+                  "|---" * 8 + "|"]
+        for m, label in GRID:
+            if not all(m in r[s] for s in r):
+                continue
+            cells = [f"{v:.3f} [{lo:.2f}, {hi:.2f}]" for s in ("chunk", "frame") for v, lo, hi in
+                     (q(s, m, h) for h in ("1x", "4x"))]
+            cells += [f"{ch:+.3f} ± {w:.2f}" for ch, w in (change(m, h) for h in ("1x", "4x"))]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {hz('chunk', m, '4x')['speed_ratio']:.2f} / "
+                         f"{hz('frame', m, '4x')['speed_ratio']:.2f} |")
+        base = [m for m in BASELINES if all(m in r[s] for s in r)]
+        for h in ("1x", "4x"):  # claim 1: SF's interval above every baseline's; claim 2: SF loses least
+            for s in ("chunk", "frame"):
+                held.setdefault(f"Self Forcing best, {s}-wise {h}", []).append(
+                    "sf" in r[s] and all(q(s, "sf", h)[1] > q(s, m, h)[2] for m in base))
+            ok = "sf" in r["chunk"] and "sf" in r["frame"]
+            held.setdefault(f"frame-wise costs every baseline more than Self Forcing, {h}", []).append(
+                ok and all(change("sf", h)[0] > change(m, h)[0] for m in base))
+            held.setdefault(f"... with intervals apart, {h}", []).append(ok and all(
+                change("sf", h)[0] - change("sf", h)[1] > change(m, h)[0] + change(m, h)[1] for m in base))
+    lines += ["\n| claim (vs TF, DF, TF+DMD, DF+DMD) | seeds where it holds |", "|---|---|"] + [
+        f"| {k} | {sum(v)} of {len(v)} |" for k, v in held.items()]
+    table = (f"Quality [95% CI] of {len(seeds)} seeds, each with one teacher for both settings (chunk-wise: "
+             "chunk=2, frame-wise: chunk=1). 'Best' = Self Forcing's interval above every baseline's." + "\n".join(lines))
+    with open(os.path.join(root, "grid.md"), "w") as f:
+        f.write(table + "\n")
+    print(table + f"\n[grid] wrote {root}/grid.md")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. The plumbing of self_forcing.py's command line: flags from its Config, atomic writes, the stage guard
+
+def check_fields(c, error, at_least_1=(), positive=(), non_negative=(), choices=None, rules=list):
+    """Raise error(one line) at the first field of c out of its range (an integer below 1; a number not finite,
+    or not > 0 (positive) or not >= 0 (non_negative); a value not among its choices), then at the first of
+    rules() that is broken, each (broken?, what to say): rules() is called only once the ranges hold."""
+    import math
+    for f in at_least_1:
+        if getattr(c, f) < 1:
+            raise error(f"{f}={getattr(c, f)} must be at least 1")
+    for f in positive + non_negative:
+        if not (math.isfinite(getattr(c, f)) and (getattr(c, f) > 0 if f in positive else getattr(c, f) >= 0)):
+            raise error(f"{f}={getattr(c, f)} must be a finite number {'>' if f in positive else '>='} 0")
+    for f, ok in (choices or {}).items():
+        if getattr(c, f) not in ok:
+            raise error(f"{f}={getattr(c, f)!r}: choose {' or '.join(map(str, ok))}")
+    for broken, message in rules():
+        if broken:
+            raise error(message)
+
+
+def boolean(s):
+    if s.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise ValueError(s)  # argparse: "invalid boolean value"
+    return s.lower() in ("1", "true", "yes")
+
+
+def config_flags(p, cls, shown):
+    """Add to the argparse parser p one --flag per field of the dataclass cls, default None (not given), typed
+    by the field (a boolean takes only true/false/1/0/yes/no), its help the field's comment and shown[name]."""
+    import dataclasses
+    import inspect
+    import re
+    notes = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))  # the field comments
+    for f in dataclasses.fields(cls):
+        typ = {"bool": boolean, "int": int, "float": float, "str": str}[getattr(f.type, "__name__", f.type)]
+        p.add_argument(f"--{f.name}", type=typ, default=None, metavar=type(f.default).__name__.upper(),
+                       help=f"{notes.get(f.name, '')} [{shown[f.name]}]")
+
+
+def parse_known_flags(p, argv):
+    """p.parse_args(argv), but a misspelled flag is named as such, with the closest one (argparse would name
+    the value after it as a bad positional: `--techer_iters 100` as an invalid stage `100`)."""
+    import difflib
+    known = set(p._option_string_actions)
+    for a in [a.split("=")[0] for a in argv if a.startswith("--")]:
+        if a not in known:
+            close = difflib.get_close_matches(a, known, 1)
+            p.error(f"unknown flag {a}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return p.parse_args(argv)
+
+
+def atomic(path, write):
+    """write(tmp), or a string's text into tmp, then rename tmp onto path: an interrupted write never leaves
+    a broken or half-new file. tmp keeps the extension: numpy and imageio pick the format by it."""
+    import os
+    root, ext = os.path.splitext(path)
+    if isinstance(write, str):
+        with open(f"{root}.tmp{ext}", "w") as f:
+            f.write(write)
+    else:
+        write(f"{root}.tmp{ext}")
+    os.replace(f"{root}.tmp{ext}", path)
+
+
+class Guard:
+    """self_forcing.train's guard of a stage. It holds a lock on `path` (Unix flock: the system drops it however
+    the process ends, so a killed process leaves no stale lock; the file holds this process's id), and while
+    entered it turns Ctrl-C into a request, `stop`, that the loop answers after the step in flight (and saves
+    it). Held by another process: BlockingIOError, its message that process's id. No fcntl (Windows): no lock."""
+
+    def __init__(self, path):
+        import os
+        self.file, self.stop = open(path, "a+"), False
+        try:
+            import fcntl
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read() or "?"
+            self.file.close()
+            raise BlockingIOError(holder)
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def __enter__(self):
+        import signal
+        self.handler = signal.signal(signal.SIGINT, lambda *_: setattr(self, "stop", True))
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        signal.signal(signal.SIGINT, self.handler)
+        self.file.close()
+
+
+if __name__ == "__main__":  # python toy_data.py grid runs/grid: the table of the README's grid loop
+    import sys
+    if sys.argv[1:2] != ["grid"] or len(sys.argv) != 3:
+        raise SystemExit("usage: python toy_data.py grid ROOT   (ROOT/seed*/{chunk,frame}/results.json)")
+    grid_table(sys.argv[2])
