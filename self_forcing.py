@@ -442,9 +442,8 @@ def train(c, name, nets, step_fn, iters, ema_decay, fresh=False):
         print(f"[{name}] resuming from step {start} of {kept}")
 
     def checkpoint(step):  # atomic: a temp file renamed, so an interrupted save never corrupts a checkpoint
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
-        ck = {"config": dataclasses.asdict(c), "step": step, "iters": iters, "rng": rng, **{k: m.state_dict()
-                                                                                          for k, m in nets.items()}}
+        ck = {k: m.state_dict() for k, m in nets.items()} | dict(config=dataclasses.asdict(c), step=step, iters=iters)
+        ck["rng"] = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
         toy_data.atomic(part, lambda tmp: torch.save(ck, tmp))
 
     t0, bar = time.time(), tqdm(range(start, iters), desc=name, dynamic_ncols=True, mininterval=1)
