@@ -569,9 +569,11 @@ class Guard:
         self.file, self.stop = open(path, "a+"), False
         try:
             import fcntl
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:
-            pass
+            fcntl = None  # Windows: nothing is locked
+        try:
+            if fcntl:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.file.seek(0)
             holder = self.file.read() or "?"
