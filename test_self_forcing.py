@@ -1022,3 +1022,36 @@ def test_every_config_field_is_a_documented_flag(capsys, monkeypatch):
         text = " ".join(out[i].split()[2:] + " ".join(out[i + 1:i + 2]).split())  # long flags put the help on the next line
         assert len(text.split("[cpu preset")[0].strip()) > 3, f.name
         assert text.split("[cpu preset: ")[1].split("]")[0] == str(getattr(cpu, f.name)), (f.name, text)
+
+
+def test_the_grid_table_counts_the_papers_two_claims_per_seed(tmp_path):
+    """Two planted seeds: on seed0 Self Forcing is best in both settings and loses nothing frame-wise while every
+    baseline loses 0.3; on seed1 frame-wise TF beats it and loses nothing, and chunk-wise DF is below it by less
+    than the intervals (not "best"). On seed0 at 4x, TF+DMD loses less than Self Forcing, but not with intervals
+    apart. The counts must follow, per claim."""
+    import json
+    def result(q, q4=None, half=0.05):
+        h = lambda q: {"all": {"quality": q, "quality_ci": [q - half, q + half], "speed_ratio": q}, "drift": -q}  # noqa: E731
+        return {"1x": h(q), "long": h(q if q4 is None else q4)}
+    for seed, tf_frame in (("seed0", 0.2), ("seed1", 0.9)):
+        for setting in ("chunk", "frame"):
+            r = {m: result(0.5 - 0.3 * (setting == "frame")) for m, _ in toy_data.GRID}
+            r["sf"] = result(0.8)
+            r["tf"] = result(0.5 if setting == "chunk" else tf_frame)
+            if seed == "seed1" and setting == "chunk":
+                r["df"] = result(0.75)
+            if seed == "seed0" and setting == "frame":  # at 4x TF+DMD loses less than SF, within the intervals
+                r["tf_dmd"] = result(0.2, q4=0.45)
+            os.makedirs(tmp_path / seed / setting)
+            (tmp_path / seed / setting / "results.json").write_text(json.dumps(r))
+    toy_data.grid_table(str(tmp_path))
+    md = (tmp_path / "grid.md").read_text()
+    for claim, n in (("Self Forcing best, chunk-wise 1x", 1), ("Self Forcing best, frame-wise 4x", 1),
+                     ("frame-wise costs every baseline more than Self Forcing, 4x", 1), ("... with intervals apart, 1x", 1),
+                     ("... with intervals apart, 4x", 0)):
+        assert f"| {claim} | {n} of 2 |" in md, claim
+    assert "| DF | 0.500 [0.45, 0.55] | 0.500 [0.45, 0.55] | 0.200 [0.15, 0.25] | 0.200 [0.15, 0.25] | -0.300 ± 0.07 " \
+           "| -0.300 ± 0.07 | 0.50 / 0.20 | -0.500 / -0.200 |" in md
+    os.remove(tmp_path / "seed1" / "frame" / "results.json")
+    with pytest.raises(ValueError, match="seed1/frame/results.json: No such file"):
+        toy_data.grid_table(str(tmp_path))

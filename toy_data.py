@@ -450,11 +450,13 @@ def grid_table(root):
     import json
     import os
     seeds, lines, held = sorted(glob.glob(os.path.join(root, "seed*"))), [], {}
+    if not seeds:
+        raise ValueError(f"no {root}/seed*/ folders: run the README's grid loop first")
     for d in seeds:
         try:
             r = {s: json.load(open(os.path.join(d, s, "results.json"))) for s in ("chunk", "frame")}
         except OSError as e:
-            raise SystemExit(f"error: {e.filename}: {e.strerror} (evaluate both settings first)")
+            raise ValueError(f"{e.filename}: {e.strerror} (evaluate both settings first)")
         hz = lambda s, m, h: r[s][m]["1x" if h == "1x" else "long"]["all"]  # noqa: E731
         q = lambda s, m, h: (hz(s, m, h)["quality"], *hz(s, m, h)["quality_ci"])  # noqa: E731
 
@@ -463,16 +465,17 @@ def grid_table(root):
             return q("frame", m, h)[0] - q("chunk", m, h)[0], float(np.hypot(*half))
 
         lines += [f"\n### {os.path.basename(d)}\n", "| method | chunk-wise 1x | chunk-wise 4x | frame-wise 1x | "
-                  "frame-wise 4x | frame - chunk 1x | frame - chunk 4x | speed ratio 4x chunk / frame |",
-                  "|---" * 8 + "|"]
+                  "frame-wise 4x | frame - chunk 1x | frame - chunk 4x | speed ratio 4x chunk / frame | "
+                  "drift 4x chunk / frame |", "|---" * 9 + "|"]
         for m, label in GRID:
             if not all(m in r[s] for s in r):
                 continue
             cells = [f"{v:.3f} [{lo:.2f}, {hi:.2f}]" for s in ("chunk", "frame") for v, lo, hi in
                      (q(s, m, h) for h in ("1x", "4x"))]
             cells += [f"{ch:+.3f} ± {w:.2f}" for ch, w in (change(m, h) for h in ("1x", "4x"))]
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {hz('chunk', m, '4x')['speed_ratio']:.2f} / "
-                         f"{hz('frame', m, '4x')['speed_ratio']:.2f} |")
+            cells += [" / ".join(f"{hz(s, m, '4x')['speed_ratio']:.2f}" for s in ("chunk", "frame")),
+                      " / ".join(f"{r[s][m]['long']['drift']:+.3f}" for s in ("chunk", "frame"))]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         base = [m for m in BASELINES if all(m in r[s] for s in r)]
         for h in ("1x", "4x"):  # claim 1: SF's interval above every baseline's; claim 2: SF loses least
             for s in ("chunk", "frame"):
@@ -487,8 +490,7 @@ def grid_table(root):
         f"| {k} | {sum(v)} of {len(v)} |" for k, v in held.items()]
     table = (f"Quality [95% CI] of {len(seeds)} seeds, each with one teacher for both settings (chunk-wise: "
              "chunk=2, frame-wise: chunk=1). 'Best' = Self Forcing's interval above every baseline's." + "\n".join(lines))
-    with open(os.path.join(root, "grid.md"), "w") as f:
-        f.write(table + "\n")
+    atomic(os.path.join(root, "grid.md"), table + "\n")
     print(table + f"\n[grid] wrote {root}/grid.md")
 
 
@@ -596,6 +598,9 @@ class Guard:
 
 if __name__ == "__main__":  # python toy_data.py grid runs/grid: the table of the README's grid loop
     import sys
-    if sys.argv[1:2] != ["grid"] or len(sys.argv) != 3:
-        raise SystemExit("usage: python toy_data.py grid ROOT   (ROOT/seed*/{chunk,frame}/results.json)")
-    grid_table(sys.argv[2])
+    try:
+        if sys.argv[1:2] != ["grid"] or len(sys.argv) != 3:
+            raise ValueError("usage: python toy_data.py grid ROOT   (ROOT/seed*/{chunk,frame}/results.json)")
+        grid_table(sys.argv[2])
+    except ValueError as e:
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
