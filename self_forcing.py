@@ -31,15 +31,15 @@ Sections (paper):
  10. Evaluation: quality, drift, the long view    (Sec. 4, Table 2)
  11. CLI
 
-Simplifications against the paper (pixels for VAE latents, a ~0.3M-parameter DiT for Wan2.1-1.3B, labels for
-prompts, the ODE init from the causal TF model, DMD's real score guided at 1.5): README, "Differences from the paper".
+Simplifications against the paper (pixels for VAE latents, a 0.26M-parameter DiT for Wan2.1-1.3B, labels for
+prompts, the ODE init from the causal TF model, DMD's real score guided at 1.5, a shipped teacher): README.
 """
 import argparse
 import copy
 import dataclasses
-import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -121,18 +121,12 @@ _dmd = _ode + ("ode_iters", "critic_ratio", "lr_gen", "lr_critic", "real_cfg", "
 STAGE_FIELDS = {"teacher": _teacher, "tf": _diffusion, "df": _diffusion, "ode": _ode, "tf_dmd": _dmd, "df_dmd": _dmd,
                 "sf": _dmd + ("kv_grad", "exit_step", "restrict")}
 
-class UserError(Exception):
-    """Bad input: printed as one line, exit code 2 (130: interrupted), nothing destroyed."""
-    def __init__(self, message, code=2):
-        super().__init__(message)
-        self.code = code
+UserError = toy_data.UserError  # bad input: printed as one line, exit code 2 (130: interrupted), nothing destroyed
 
 def check_config(c):
-    """Bad values end the run with one clear line (see main): each field's range first (the rules divide by
-    some of them), then each rule, (broken?, what to say)."""
-    toy_data.check_fields(c, UserError, at_least_1=(
-        "size", "patch", "width", "depth", "frames", "chunk", "few_steps", "euler_steps", "batch", "teacher_iters",
-        "ode_iters", "diffusion_iters", "distill_iters", "critic_ratio", "n_eval"),
+    """Bad values end the run in one line: each field's range first (the rules divide by some), then each rule."""
+    toy_data.check_fields(c, UserError, at_least_1=[  # every integer but the seed and the choice of n_objects
+        f.name for f in dataclasses.fields(c) if f.type is int and f.name not in ("seed", "n_objects")],
         positive=("lr", "lr_gen", "lr_critic", "speed", "radius"), non_negative=("gravity", "cfg", "real_cfg", "seed"),
         choices=dict(ode_teacher=("tf", "bidir"), critic_sigma=("dmd", "teacher"), kv_grad=("detach", "st"),
                      exit_step=("random", "last"), n_objects=(1, 2, 3)), rules=lambda: [
@@ -236,8 +230,7 @@ class Attention(nn.Module):
     def __init__(self, D, nh, layer):
         super().__init__()
         self.nh, self.layer = nh, layer
-        self.qkv = nn.Linear(D, 3 * D)
-        self.proj = nn.Linear(D, D)
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
 
     def forward(self, x, cs, mask=None, cache=None):
         """x (B, L, D); cs RoPE of the L tokens; mask (L, Lk) bool or None; cache: KVCache or None.
@@ -385,8 +378,7 @@ class KVCache:
 # 5. Training loop, checkpoints, data
 
 def load(path, c, what, fields=MODEL_FIELDS):
-    """A finished checkpoint for a later stage (or a stage's own, to resume it), made with this run's
-    `fields` (the model's; train() passes all that the stage is made from, STAGE_FIELDS)."""
+    """A finished checkpoint made with this run's `fields` (a later stage: the model's; train(): STAGE_FIELDS)."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} is unfinished: run its stage again to finish it" if os.path.exists(
             path[:-3] + ".part.pt") else f"missing checkpoint {path}: run the `{what}` stage first")
@@ -396,9 +388,8 @@ def load(path, c, what, fields=MODEL_FIELDS):
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}")
     if not (isinstance(ck, dict) and {"config", "step", "iters", "ema"} <= ck.keys()):
         raise UserError(f"{path} is not a checkpoint of self_forcing.py")
-    for f in fields:
-        have = ck["config"].get(f, getattr(Config, f))  # a field it predates: the default
-        if have != getattr(c, f):
+    for f in fields:  # a field the checkpoint predates: the default
+        if (have := ck["config"].get(f, getattr(Config, f))) != getattr(c, f):
             raise UserError(f"checkpoint {path} has {f}={have} but this run has {f}={getattr(c, f)} (same "
                             "settings, --fresh to retrain it, or another --out for a variant)")
     return ck
@@ -419,31 +410,27 @@ def train(c, name, nets, step_fn, iters, ema_decay, fresh=False):
     nets["model"] into nets["ema"]. A stage's checkpoint NAME.pt is written when it finishes (reused by a run
     that would make the same one); NAME.part.pt every CKPT_EVERY steps and on Ctrl-C (the same command resumes
     it; --fresh starts over, NAME.pt kept until replaced). A NaN/Inf loss or weight stops it, unsaved."""
-    (path, part), cuda = (os.path.join(c.out, name + e) for e in (".pt", ".part.pt")), c.device.startswith("cuda")
-    try:  # one process per stage and folder; Ctrl-C finishes the step in flight and saves it
-        guard = toy_data.Guard(os.path.join(c.out, f".{name}.lock"))
-    except BlockingIOError as e:
-        raise UserError(f"{name} in {c.out} is being trained by process {e}: wait for it, or use another --out")
+    path, part = (os.path.join(c.out, name + e) for e in (".pt", ".part.pt"))
+    # one process per stage and folder; Ctrl-C finishes the step in flight and saves it
+    guard = toy_data.Guard(os.path.join(c.out, f".{name}.lock"), UserError, f"{name} in {c.out}")
     # resume: an unfinished run first, else a finished one (more steps asked); --fresh: neither
     start, kept = 0, None if fresh else part if os.path.exists(part) else path if os.path.exists(path) else None
     if kept:
         ck = load(kept, c, name, STAGE_FIELDS["sf" if name.startswith("sf") else name])
         start = ck["step"]
-        if start > iters:
-            raise UserError(f"checkpoint {kept} was made with {start} steps, this run asks for {iters} steps "
-                            "(--fresh to retrain it, or another --out for a variant)")
+        if start > iters or "model" not in ck and start != iters:  # the pretrained teacher: its weights only
+            raise UserError(f"checkpoint {kept} was made with {start} steps{' (weights only)' * ('model' not in ck)}, "
+                            f"this run asks for {iters} steps (--fresh to retrain it, or another --out for a variant)")
         if start == iters and kept == path:  # later stages read only its "ema" weights
             return print(f"[{name}] reusing finished checkpoint {path} ({start} steps)")
         for k, m in nets.items():
             m.load_state_dict(ck[k])
-        torch.set_rng_state(ck["rng"]["cpu"])  # the random draws go on where they stopped (tested)
-        if cuda:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        toy_data.set_rng_state(ck["rng"])  # the random draws go on where they stopped (tested)
         print(f"[{name}] resuming from step {start} of {kept}")
 
     def checkpoint(step):  # atomic: a temp file renamed, so an interrupted save never corrupts a checkpoint
         ck = {k: m.state_dict() for k, m in nets.items()} | dict(config=dataclasses.asdict(c), step=step, iters=iters)
-        ck["rng"] = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
+        ck["rng"] = toy_data.rng_state()
         toy_data.atomic(part, lambda tmp: torch.save(ck, tmp))
 
     t0, bar = time.time(), tqdm(range(start, iters), desc=name, dynamic_ncols=True, mininterval=1)
@@ -457,11 +444,9 @@ def train(c, name, nets, step_fn, iters, ema_decay, fresh=False):
             save_now = (it + 1) % CKPT_EVERY == 0 or it + 1 == iters or guard.stop
             if save_now or time.time() > t_read + 1:  # always before a checkpoint: a NaN never gets saved
                 shown, t_read = {k: v.item() for k, v in avg.items()}, time.time()
-                weights = (p for m in nets.values() if isinstance(m, nn.Module) for p in m.parameters())
-                bad = [f"{k} is {v}" for k, v in shown.items() if not math.isfinite(v)] + [  # an update can overflow
-                    "a weight is not finite"] * (save_now and not all(bool(w.isfinite().all()) for w in weights))
+                bad = toy_data.not_finite(shown, nets.values() if save_now else ())  # an update can overflow
                 if bad:
-                    raise UserError(f"[{name}] {bad[0]} by step {it + 1}: stopped; last good checkpoint: "
+                    raise UserError(f"[{name}] {bad} by step {it + 1}: stopped; last good checkpoint: "
                                     f"{kept or 'none yet'}")
                 bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
             if save_now:
@@ -474,6 +459,7 @@ def train(c, name, nets, step_fn, iters, ema_decay, fresh=False):
     os.replace(part, path)  # finished: NAME.pt, replaced only now
     print(f"[{name}] done: {iters - start} steps in {time.time() - t0:.0f}s, "
           + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    return (time.time() - t0) / (iters - start)  # seconds per step (bench)
 
 def optimize(opt, loss, model):
     """One update: backward, clip the gradient norm (official: 10), step."""
@@ -527,7 +513,19 @@ def train_teacher(c, fresh=False):
         optimize(opt, loss := flow_matching_loss(model, x0, drop_labels(y), sigma), model)
         return {"loss": loss}
 
-    train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, step, c.teacher_iters, EMA, fresh)
+    return train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, step, c.teacher_iters, EMA, fresh)
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teacher.pt")
+
+def pretrained_teacher(c):
+    """The demo starts from a pretrained teacher, as the paper from Wan2.1: assets/teacher.pt, the EMA weights of
+    `teacher` on the cpu preset, if this run would train that very one and has none; `demo --fresh`: from nothing."""
+    path, ck = os.path.join(c.out, "teacher.pt"), torch.load(SHIPPED, weights_only=True)
+    if ck["step"] != c.teacher_iters or any(ck["config"][f] != getattr(c, f) for f in STAGE_FIELDS["teacher"]) \
+            or any(os.path.exists(p) for p in (path, path[:-3] + ".part.pt")):
+        return False
+    toy_data.atomic(path, lambda tmp: torch.save(ck, tmp))
+    return print(f"[teacher] pretrained: {SHIPPED}, {ck['step']} steps (`teacher --fresh` retrains it)") or True
 
 # The teacher samples the whole clip at once: Euler steps along the flow, x <- x + (sigma' - sigma) v,
 # from sigma = 1 (noise) to 0 (data), on the shifted grid. Recording x at every (euler_steps / K)-th step
@@ -551,8 +549,7 @@ def sample_teacher(model, c, y, n_frames, trace=None):
 
 def chunk_sigmas(sig_choices, B, c):
     """A noise level per chunk, the same for the frames of a chunk: (B, F)."""
-    n = c.frames // c.chunk
-    idx = torch.randint(len(sig_choices), (B, n), device=sig_choices.device)
+    idx = torch.randint(len(sig_choices), (B, c.frames // c.chunk), device=sig_choices.device)
     return sig_choices[idx].repeat_interleave(c.chunk, 1), idx.repeat_interleave(c.chunk, 1)
 
 def causal_forward(model, x_noisy, sigma, y, c, context, x_clean=None):
@@ -616,7 +613,7 @@ def train_ode(c, fresh=False):
         optimize(opt, loss := Fn.mse_loss(x0_hat, x0s[i]), model)
         return {"loss": loss}
 
-    train(c, "ode", {"model": model, "ema": ema, "opt": opt}, step, c.ode_iters, EMA, fresh)
+    return train(c, "ode", {"model": model, "ema": ema, "opt": opt}, step, c.ode_iters, EMA, fresh)
 
 # TF and DF are the two ways to train a causal model on real videos in parallel (paper Sec. 2, Fig. 2a-b).
 # Both see only REAL frames as context during training; at inference both see their own outputs. That
@@ -637,7 +634,7 @@ def train_diffusion(c, context, fresh=False):
         optimize(opt, loss := Fn.mse_loss(v, eps - x0), model)
         return {"loss": loss}
 
-    train(c, context, {"model": model, "ema": ema, "opt": opt}, step, c.diffusion_iters, EMA, fresh)
+    return train(c, context, {"model": model, "ema": ema, "opt": opt}, step, c.diffusion_iters, EMA, fresh)
 
 # ####################################################################################################
 # 8. Autoregressive rollout: Algorithm 1 (training) and inference are the SAME loop
@@ -661,8 +658,7 @@ def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, wi
     trace: a dict that collects the model calls, grad_calls, the frames each chunk attended to (seen) and,
       if it has the key "inputs", every chunk's input x at every step (the AR teacher's ODE pairs)."""
     B, ch, euler = len(y), c.chunk, sampler == "euler"
-    sigmas = (euler_sigmas(c)[:-1] if euler else few_step_sigmas(c)).tolist()
-    cfg = c.cfg if euler else 1.0
+    sigmas, cfg = (euler_sigmas(c)[:-1].tolist(), c.cfg) if euler else (few_step_sigmas(c).tolist(), 1.0)
     s = len(sigmas) - 1 if exit_step is None else exit_step  # inference: always exit at the last step
     train_mode = torch.is_grad_enabled()  # the caller decides: no_grad for sampling, grad for Alg. 1
     cache = KVCache(len(model.blocks), model.N, window or c.frames, sink)  # fresh per rollout; rolls past window
@@ -750,8 +746,7 @@ def distill(c, context, fresh=False):
     gen = build(c, load(os.path.join(c.out, "ode.pt"), c, "ode")["ema"])
     critic = build(c, teacher.state_dict())  # never the generator: its own network
     ema = copy.deepcopy(gen).requires_grad_(False)
-    opt_g = adamw(gen, c.lr_gen, betas=(0.0, 0.999))
-    opt_c = adamw(critic, c.lr_critic, betas=(0.0, 0.999))
+    opt_g, opt_c = adamw(gen, c.lr_gen, betas=(0.0, 0.999)), adamw(critic, c.lr_critic, betas=(0.0, 0.999))
     data = Data(c) if context != "self" else None
     grid = few_step_sigmas(c).to(c.device)
 
@@ -791,7 +786,7 @@ def distill(c, context, fresh=False):
         return {"dmd": lg, "critic": lc}
 
     nets = {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
-    train(c, distilled_name(c, context), nets, step, c.distill_iters, EMA_DMD, fresh)
+    return train(c, distilled_name(c, context), nets, step, c.distill_iters, EMA_DMD, fresh)
 
 # ####################################################################################################
 # 10. Evaluation: every method, same labels and seeds, at 1x and far past the training length
@@ -855,8 +850,8 @@ def evaluate(c, long=False, need=()):
 
 def sample_stage(c, name, n_videos, n_frames):
     kind = {m: k for m, _, k in METHODS}[name]  # name: one of METHODS (argparse checks)
-    if n_videos < 1 or n_frames < 1 or n_frames % c.chunk:
-        raise UserError(f"--n={n_videos} --n_frames={n_frames}: at least 1, and frames a multiple of chunk={c.chunk}")
+    if n_frames < 1 or n_frames % c.chunk:  # (n_videos >= 1: main)
+        raise UserError(f"--n_frames={n_frames}: at least 1 and a multiple of chunk={c.chunk}")
     model = build(c, load(os.path.join(c.out, name + ".pt"), c, name)["ema"]).eval()
     torch.manual_seed(c.seed)
     y = torch.arange(n_videos, device=c.device) % model.n_classes
@@ -870,6 +865,7 @@ STAGES = {
     "diffusion": "many-step causal baseline by flow matching: --context tf | df",
     "distill": "DMD few-step generator: --context self (Self Forcing) | tf | df (CausVid-style)",
     "sample": "write samples_MODEL.npz (videos uint8 (N,F,H,W,3), labels) and a GIF: --model NAME",
+    "bench": "seconds per training step of every stage on this device (--n timed steps, default 16)",
     "eval": "score every trained method at 1x and 4x (results.md, compare.gif, trails.png); --long: to 16x",
 }
 
@@ -883,7 +879,7 @@ def parse(argv):
     p.add_argument("--fresh", action="store_true", help="retrain this stage even if a checkpoint exists")
     p.add_argument("--context", default=None, help="tf | df for diffusion; self | tf | df for distill")
     p.add_argument("--model", default="sf", choices=[m for m, _, _ in METHODS], help="sample: the checkpoint to sample")
-    p.add_argument("--n", type=int, default=16, help="sample: videos to write")
+    p.add_argument("--n", type=int, default=16, help="sample: videos to write; bench: timed steps per stage")
     p.add_argument("--n_frames", type=int, default=None, help="sample: frames per video (default: frames)")
     p.add_argument("--long", action="store_true", help="eval: rollouts to 16x, quality per segment")
     toy_data.config_flags(p, Config, {f.name: f"cpu preset: {PRESETS['cpu'].get(f.name, f.default)}"
@@ -894,46 +890,51 @@ def make_config(args):
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     c = Config(**{**PRESETS[args.preset], **given})
     check_config(c)
-    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    have = ["cpu", *gpus] + ["mps"] * torch.backends.mps.is_available()
-    c.device = ("cuda" if "cuda:0" in have else have[-1]) if c.device == "auto" else c.device  # auto: cuda, mps, cpu
-    if c.device not in have + ["cuda"] * ("cuda:0" in have):
-        raise UserError(f"--device={c.device}: this machine has {', '.join(have)} (or auto)")
-    c.out = c.out or os.path.join("runs", args.preset + ("_gravity" if c.gravity else ""))
-    try:
-        os.makedirs(c.out, exist_ok=True)
-        open(os.path.join(c.out, ".write_test"), "w").close()  # fail now, not after an hour of training
-        os.remove(os.path.join(c.out, ".write_test"))
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {c.out!r}: {e.strerror}")
+    c.device = toy_data.pick_device(c.device, UserError)  # auto: cuda, else mps, else cpu
+    c.out = toy_data.writable(c.out or os.path.join("runs", args.preset + "_gravity" * (c.gravity > 0)), UserError)
     return c
+
+PIPELINE = [("teacher", None), ("diffusion", "tf"), ("diffusion", "df"), ("ode", None), ("distill", "df"),
+            ("distill", "self")]  # the demo's stages, in order
 
 def run_stage(c, stage, context=None, fresh=False):
     """One stage, from its own seed: the demo, which runs every stage in one process, gives the same
     checkpoints as the stages run one by one, whatever ran before (no stage depends on RNG order)."""
     torch.manual_seed(c.seed)
-    {"teacher": lambda: train_teacher(c, fresh), "ode": lambda: train_ode(c, fresh),
+    return {"teacher": lambda: train_teacher(c, fresh), "ode": lambda: train_ode(c, fresh),
      "diffusion": lambda: train_diffusion(c, context, fresh), "distill": lambda: distill(c, context, fresh)}[stage]()
+
+def bench(c, n):
+    """Seconds per training step of every stage, in one run on this device, in a throwaway folder."""
+    t = {}
+    with tempfile.TemporaryDirectory() as c.out:
+        for stage, ctx in PIPELINE[:4] + [("distill", "tf")] + PIPELINE[4:]:
+            for iters in (3, 3 + n):  # 3 steps of warm-up, then n more, resumed from them: timed
+                setattr(c, stage + "_iters", iters)
+                t[distilled_name(c, ctx) if stage == "distill" else ctx or stage] = run_stage(c, stage, ctx)
+    return toy_data.bench_table(t, c.device, n)
 
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         c = make_config(args)
         need = {"diffusion": ("tf", "df"), "distill": ("self", "tf", "df")}.get(args.stage)
-        if need and args.context not in need:
-            raise UserError(f"{args.stage} needs --context {' | '.join(need)}")
+        if need and args.context not in need or args.n < 1:
+            raise UserError(f"{args.stage} needs --context {' | '.join(need)}" if need else f"--n={args.n}: at least 1")
         torch.backends.cuda.matmul.allow_tf32 = True  # GPU matmuls in TF32 (no effect elsewhere)
         print("config:", dataclasses.asdict(c))
         if args.stage == "demo":
             t0 = time.time()
-            for stage, ctx in [("teacher", None), ("diffusion", "tf"), ("diffusion", "df"), ("ode", None),
-                               ("distill", "df"), ("distill", "self")]:
-                run_stage(c, stage, ctx, args.fresh)
+            for stage, ctx in PIPELINE:
+                if stage != "teacher" or args.fresh or not pretrained_teacher(c):
+                    run_stage(c, stage, ctx, args.fresh)
                 print(f"[demo] {stage} {ctx or ''} finished at {time.time() - t0:.0f}s")
             evaluate(c, need=("teacher", "tf", "df", "ode", "df_dmd", "sf"))
             print(f"[demo] done in {time.time() - t0:.0f}s")
         elif args.stage == "sample":
             sample_stage(c, args.model, args.n, c.frames if args.n_frames is None else args.n_frames)
+        elif args.stage == "bench":
+            bench(c, args.n)
         elif args.stage == "eval":
             evaluate(c, args.long)
         else:

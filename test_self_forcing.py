@@ -898,8 +898,9 @@ def test_sample_stage_writes_npz_and_gif(run_dir):
     (["distill", "--context=sf"], "distill needs --context self | tf | df"),
     (["ode", "--out={tmp}"], "diffusion --context tf"),  # the ODE teacher is the TF model
     (["eval", "--out={tmp}"], "cannot evaluate {tmp}: no teacher.pt, tf.pt"),  # not a table without rows
-    (["sample", "--n=0", "--out={tmp}"], "--n=0 --n_frames=4: at least 1"),
-    (["sample", "--n_frames=-2", "--out={tmp}"], "--n=16 --n_frames=-2: at least 1"),
+    (["sample", "--n=0", "--out={tmp}"], "--n=0: at least 1"),
+    (["bench", "--n=-1", "--out={tmp}"], "--n=-1: at least 1"),
+    (["sample", "--n_frames=-2", "--out={tmp}"], "--n_frames=-2: at least 1"),
     (["sample", "--model=wan", "--out={tmp}"], "argument --model: invalid choice: 'wan'"),
     (["diffusion", "--context=tf", "--out={tmp}/notackpt"], "is not a checkpoint of self_forcing.py"),
     (["diffusion", "--context=tf", "--out={tmp}/truncated"], "cannot read checkpoint"),
@@ -1055,3 +1056,35 @@ def test_the_grid_table_counts_the_papers_two_claims_per_seed(tmp_path):
     os.remove(tmp_path / "seed1" / "frame" / "results.json")
     with pytest.raises(ValueError, match="seed1/frame/results.json: No such file"):
         toy_data.grid_table(str(tmp_path))
+
+
+def test_the_shipped_teacher_is_the_cpu_presets_and_scores_as_the_readme_says(tmp_path, capsys):
+    """assets/teacher.pt is what the demo starts from: the cpu preset's finished teacher (every field its stage is
+    made from, and its step count). Its first 16 evaluation videos, bit for bit the demo's (the noise is drawn row
+    by row), score inside the README table's interval for it (64 videos: all of them would take 5 s)."""
+    c = sf.Config(**sf.PRESETS["cpu"], device="cpu", out=str(tmp_path))
+    ck = sf.load(sf.SHIPPED, c, "teacher", sf.STAGE_FIELDS["teacher"])
+    assert ck["step"] == ck["iters"] == c.teacher_iters and set(ck) == {"config", "step", "iters", "ema"}
+    assert sf.pretrained_teacher(c) and not sf.pretrained_teacher(c)  # copied once, never over a checkpoint
+    assert not sf.pretrained_teacher(dataclasses.replace(c, seed=1, out=str(tmp_path / "s1")))  # another teacher
+    L = c.frames * sf.LONG  # as evaluate() draws them: the labels, the model, the shared noise, the teacher's own
+    ev = toy_data.EvalSet(c.n_eval, L, c.frames, c.size, c.n_objects, c.radius, c.speed, c.seed, c.gravity)
+    teacher = sf.build(c, ck["ema"]).eval()  # (building a model draws random numbers too)
+    sf.eval_noise(c, L)
+    videos = sf.generate(teacher, "teacher", torch.from_numpy(ev.labels[:16]), c.frames, c).numpy()
+    q = toy_data.score(videos, ev.labels[:16], ev.v_real, c.frames, c.n_objects, c.radius)["all"]["quality"]
+    row = next(ln for ln in open("README.md") if ln.startswith("| teacher (bidir, many-step) |"))
+    lo, hi = (float(v) for v in row.split("|")[4].split("[")[1].rstrip("] ").split(","))
+    assert lo <= q <= hi, (q, row)
+    # more teacher steps would need the optimizer state, which the shipped file leaves out
+    with pytest.raises(sf.UserError, match=r"made with 5000 steps \(weights only\)"):
+        sf.train(c, "teacher", {"model": teacher, "ema": teacher}, None, c.teacher_iters + 1, sf.EMA)
+
+
+def test_bench_times_every_stage_in_a_throwaway_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sf, "N_TRAIN", 64)
+    c = sf.Config(**sf.PRESETS["test"], device="cpu", out=str(tmp_path))
+    t = sf.bench(c, 2)
+    assert list(t) == ["teacher", "tf", "df", "ode", "tf_dmd", "df_dmd", "sf"] and all(v > 0 for v in t.values())
+    assert os.listdir(tmp_path) == [] and not os.path.exists(c.out)  # nothing left behind, the run folder untouched
+    assert "(1.00 x a DF+DMD step)" in capsys.readouterr().out

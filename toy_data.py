@@ -433,6 +433,13 @@ def write_trails(path, videos, captions, scale=6):
     imageio.imwrite(path, np.concatenate(panels[:-1], 1))
 
 
+def bench_table(t, device, n):
+    """self_forcing.py bench: seconds per step of each stage, and as a multiple of a DF+DMD step."""
+    print(f"\n[bench] {device}, {n} timed steps per stage, seconds per step:\n" + "\n".join(
+        f"{k:8s} {v:.4f}  ({v / t['df_dmd']:.2f} x a DF+DMD step)" for k, v in t.items()))
+    return t
+
+
 # ----------------------------------------------------------------------------------------------------
 # 7. The paper's Table 2 on the toy: chunk-wise and frame-wise, every method, several seeds
 
@@ -489,13 +496,41 @@ def grid_table(root):
     lines += ["\n| claim (vs TF, DF, TF+DMD, DF+DMD) | seeds where it holds |", "|---|---|"] + [
         f"| {k} | {sum(v)} of {len(v)} |" for k, v in held.items()]
     table = (f"Quality [95% CI] of {len(seeds)} seeds, each with one teacher for both settings (chunk-wise: "
-             "chunk=2, frame-wise: chunk=1). 'Best' = Self Forcing's interval above every baseline's." + "\n".join(lines))
+             "chunk=2, frame-wise: chunk=1). 'Best': its interval above every baseline's." + "\n".join(lines))
     atomic(os.path.join(root, "grid.md"), table + "\n")
     print(table + f"\n[grid] wrote {root}/grid.md")
 
 
 # ----------------------------------------------------------------------------------------------------
 # 8. The plumbing of self_forcing.py's command line: flags from its Config, atomic writes, the stage guard
+
+class UserError(Exception):
+    """self_forcing.py's bad input: printed as one line, exit code 2 (130: interrupted), nothing destroyed."""
+    def __init__(self, message, code=2):
+        super().__init__(message)
+        self.code = code
+
+
+def rng_state():
+    import torch
+    return {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+
+
+def set_rng_state(state):
+    import torch
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def not_finite(values, modules=()):
+    """What is not finite: the first of values (a dict of numbers), else a weight of the modules, else None."""
+    import math
+    import torch
+    bad = [f"{k} is {v}" for k, v in values.items() if not math.isfinite(v)] + ["a weight is not finite"] * (not all(
+        bool(p.isfinite().all()) for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters()))
+    return bad[0] if bad else None
+
 
 def check_fields(c, error, at_least_1=(), positive=(), non_negative=(), choices=None, rules=list):
     """Raise error(one line) at the first field of c out of its range (an integer below 1; a number not finite,
@@ -560,13 +595,37 @@ def atomic(path, write):
     os.replace(f"{root}.tmp{ext}", path)
 
 
+def pick_device(name, error):
+    """auto -> cuda, else mps, else cpu; any other name must be on this machine (cpu, cuda, cuda:i, mps)."""
+    import torch
+    have = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    have += ["mps"] * torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if "cuda:0" in have else have[-1]
+    if name not in have + ["cuda"] * ("cuda:0" in have):
+        raise error(f"--device={name}: this machine has {', '.join(have)} (or auto)")
+    return name
+
+
+def writable(folder, error):
+    """Make the output folder and check that it can be written now, not after an hour of training."""
+    import os
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, ".write_test"), "w").close()
+        os.remove(os.path.join(folder, ".write_test"))
+    except OSError as e:
+        raise error(f"cannot write to output folder {folder!r}: {e.strerror}")
+    return folder
+
+
 class Guard:
     """self_forcing.train's guard of a stage. It holds a lock on `path` (Unix flock: the system drops it however
     the process ends, so a killed process leaves no stale lock; the file holds this process's id), and while
     entered it turns Ctrl-C into a request, `stop`, that the loop answers after the step in flight (and saves
-    it). Held by another process: BlockingIOError, its message that process's id. No fcntl (Windows): no lock."""
+    it). Held by another process: error(one line naming `what` and that process's id). No fcntl (Windows): no lock."""
 
-    def __init__(self, path):
+    def __init__(self, path, error=BlockingIOError, what="the stage"):
         import os
         self.file, self.stop = open(path, "a+"), False
         try:
@@ -580,7 +639,7 @@ class Guard:
             self.file.seek(0)
             holder = self.file.read() or "?"
             self.file.close()
-            raise BlockingIOError(holder)
+            raise error(f"{what} is being trained by process {holder}: wait for it, or use another --out")
         self.file.truncate(0)
         self.file.write(str(os.getpid()))
         self.file.flush()
