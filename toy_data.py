@@ -15,9 +15,10 @@ and compare. Validity = the object is there, has the right mass, and nothing is 
 follow the data's physics (constant velocity, or gravity) with bounces, at the speed of real data (a
 frozen video scores 0). Semantics = the best-fitting shape family is the label.
 
-Also here, as non-paper code: the side-by-side GIF, the trails figure, the markdown tables of the results
-(`python toy_data.py grid ROOT`: the chunk-wise / frame-wise table of the README's grid), and the plumbing of
-self_forcing.py's command line: its flags, atomic writes, the guard of a training stage (lock, Ctrl-C).
+Also here, as non-paper code: the side-by-side GIF, the trails figure, the markdown tables of the results and
+of `bench` (`python toy_data.py grid ROOT`: the chunk-wise / frame-wise table of the README's grid), and the
+plumbing of self_forcing.py's command line: its flags and their checks, the device, atomic writes, the RNG
+state of a checkpoint, the NaN check, the guard of a training stage (lock, Ctrl-C).
 """
 import numpy as np
 
@@ -502,7 +503,7 @@ def grid_table(root):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. The plumbing of self_forcing.py's command line: flags from its Config, atomic writes, the stage guard
+# 8. The plumbing of self_forcing.py: errors, flags from its Config, device, atomic writes, RNG, the stage guard
 
 class UserError(Exception):
     """self_forcing.py's bad input: printed as one line, exit code 2 (130: interrupted), nothing destroyed."""
