@@ -1082,9 +1082,18 @@ def test_the_shipped_teacher_is_the_cpu_presets_and_scores_as_the_readme_says(tm
 
 
 def test_bench_times_every_stage_in_a_throwaway_folder(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sf, "N_TRAIN", 64)
-    c = dataclasses.replace(sf.Config(**sf.PRESETS["test"], device="cpu", out=str(tmp_path)), batch=2, critic_ratio=1)
-    t = sf.bench(c, 1)
-    assert list(t) == ["teacher", "tf", "df", "ode", "tf_dmd", "df_dmd", "sf"] and all(v > 0 for v in t.values())
-    assert os.listdir(tmp_path) == [] and not os.path.exists(c.out)  # nothing left behind, the run folder untouched
-    assert "(1.00 x a DF+DMD step)" in capsys.readouterr().out
+    """bench's bookkeeping, with run_stage replaced by a recorder: every stage 3 warm-up steps, then 3 + n resumed
+    from them (the timed call), in a temporary folder that is gone afterwards; the run's own folder untouched."""
+    calls = []
+    def fake(c, stage, ctx=None, fresh=False):
+        calls.append((stage, ctx, getattr(c, stage + "_iters"), c.out, os.path.isdir(c.out)))
+        return 2.0 if ctx == "self" else 1.0
+    monkeypatch.setattr(sf, "run_stage", fake)
+    c = sf.Config(**sf.PRESETS["test"], device="cpu", out=str(tmp_path / "run"))
+    t = sf.bench(c, 5)
+    assert list(t) == ["teacher", "tf", "df", "ode", "tf_dmd", "df_dmd", "sf"] and t["sf"] == 2.0
+    assert [(st, ctx, n) for st, ctx, n, *_ in calls[:4]] == [("teacher", None, 3), ("teacher", None, 8),
+                                                           ("diffusion", "tf", 3), ("diffusion", "tf", 8)]
+    assert len(calls) == 14 and len({o for *_, o, _ in calls}) == 1 and all(d for *_, d in calls)
+    assert not os.path.exists(calls[0][3]) and not os.path.exists(tmp_path / "run")
+    assert "sf       2.0000  (2.00 x a DF+DMD step)" in capsys.readouterr().out
