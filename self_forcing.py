@@ -34,7 +34,6 @@ Sections (paper):
 Simplifications against the paper (pixels for VAE latents, a 0.26M-parameter DiT for Wan2.1-1.3B, labels for
 prompts, the ODE init from the causal TF model, DMD's real score guided at 1.5, a shipped teacher): README.
 """
-import argparse
 import copy
 import dataclasses
 import os
@@ -90,6 +89,7 @@ class Config:
     n_eval: int = 64  # evaluation samples (same labels and seeds for every method)
     seed: int = 0  # data, training and evaluation seeds derive from it
     device: str = "auto"  # auto = cuda, else mps, else cpu
+    graphs: bool = True  # on a GPU, replay each training step from a CUDA graph (section 5); false: eager
     out: str = ""  # run folder; "" = runs/<preset> (runs/<preset>_gravity with gravity)
 
 # Fixed by the paper's official code or by this toy, not worth a flag each:
@@ -123,20 +123,8 @@ STAGE_FIELDS = {"teacher": _teacher, "tf": _diffusion, "df": _diffusion, "ode": 
 
 UserError = toy_data.UserError  # bad input: printed as one line, exit code 2 (130: interrupted), nothing destroyed
 
-def check_config(c):
-    """Bad values end the run in one line: each field's range first (the rules divide by some), then each rule."""
-    toy_data.check_fields(c, UserError, at_least_1=[  # every integer but the seed and the choice of n_objects
-        f.name for f in dataclasses.fields(c) if f.type is int and f.name not in ("seed", "n_objects")],
-        positive=("lr", "lr_gen", "lr_critic", "speed", "radius"), non_negative=("gravity", "cfg", "real_cfg", "seed"),
-        choices=dict(ode_teacher=("tf", "bidir"), critic_sigma=("dmd", "teacher"), kv_grad=("detach", "st"),
-                     exit_step=("random", "last"), n_objects=(1, 2, 3)), rules=lambda: [
-        (c.size % c.patch, f"size={c.size} is not a multiple of patch={c.patch}"),
-        (c.width % (8 * HEADS), f"width={c.width} must be a multiple of {8 * HEADS} ({HEADS} heads, 3D RoPE)"),
-        (c.frames % c.chunk, f"frames={c.frames} is not a multiple of chunk={c.chunk}"),
-        (c.euler_steps % c.few_steps, f"euler_steps={c.euler_steps} must be a multiple of few_steps={c.few_steps}"),
-        (c.restrict and c.frames < 2 * c.chunk, "restrict needs at least two chunks per clip"),
-        (toy_data.walls(c.size, c.radius)[0] >= toy_data.walls(c.size, c.radius)[1],
-         f"radius={c.radius}: the shapes do not fit a {c.size}-pixel frame")])
+def check_config(c):  # bad values end the run in one line (toy_data: the ranges, then the rules)
+    toy_data.check_config(c, HEADS, UserError)
 
 # ####################################################################################################
 # 2. Flow matching and the few-step schedule
@@ -379,20 +367,7 @@ class KVCache:
 
 def load(path, c, what, fields=MODEL_FIELDS):
     """A finished checkpoint made with this run's `fields` (a later stage: the model's; train(): STAGE_FIELDS)."""
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} is unfinished: run its stage again to finish it" if os.path.exists(
-            path[:-3] + ".part.pt") else f"missing checkpoint {path}: run the `{what}` stage first")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}")
-    if not (isinstance(ck, dict) and {"config", "step", "iters", "ema"} <= ck.keys()):
-        raise UserError(f"{path} is not a checkpoint of self_forcing.py")
-    for f in fields:  # a field the checkpoint predates: the default
-        if (have := ck["config"].get(f, getattr(Config, f))) != getattr(c, f):
-            raise UserError(f"checkpoint {path} has {f}={have} but this run has {f}={getattr(c, f)} (same "
-                            "settings, --fresh to retrain it, or another --out for a variant)")
-    return ck
+    return toy_data.load_checkpoint(path, c, what, fields, Config, UserError)
 
 def build(c, state=None):
     model = DiT(c).to(c.device)
@@ -469,7 +444,40 @@ def optimize(opt, loss, model):
     opt.step()
 
 def adamw(model, lr, betas=(0.9, 0.999)):
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.01, fused=model.head.weight.is_cuda)
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.01,
+                             fused=model.head.weight.is_cuda, capturable=model.head.weight.is_cuda)  # graphs
+
+class Graphs:
+    """The GPU's fast path: a step of this tiny model is hundreds of small kernels, slower to launch from Python
+    than to run. `graphs(key, fn, *xs)` runs fn(*xs) eagerly for a new key and records its kernels in a CUDA
+    graph; later calls replay them in one launch (xs copied into the recorded inputs, random draws fresh, the
+    outputs overwritten). fn must launch the same kernels for a key (a rollout: one key per exit step). Off
+    (CPU, --graphs false): fn(*xs), the eager reference; on, the same computation (tested, and bench checks)."""
+
+    def __init__(self, c):
+        self.on, self.recorded = c.graphs and torch.device(c.device).type == "cuda", {}
+
+    def __call__(self, key, fn, *xs):
+        if not self.on:
+            return fn(*xs)
+        if key in self.recorded:
+            graph, inputs, out = self.recorded[key]
+            [a.copy_(b) for a, b in zip(inputs, xs) if torch.is_tensor(a)]  # this call's inputs
+            return graph.replay() or out
+        side = torch.cuda.Stream()  # eagerly on a side stream first (PyTorch's recipe): it makes the optimizers' state
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = fn(*xs)  # this call's step
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records the kernels, runs nothing
+            self.recorded[key] = (graph, xs, fn(*xs))
+        return out
+
+def graphed(c, step):
+    """A training step that launches the same kernels every time: one graph for the whole step."""
+    graphs = Graphs(c)
+    return lambda it: graphs("step", step, it)
 
 class Data:
     """Real training clips, generated once (toy_data) and kept on the device; random flips and time
@@ -513,7 +521,7 @@ def train_teacher(c, fresh=False):
         optimize(opt, loss := flow_matching_loss(model, x0, drop_labels(y), sigma), model)
         return {"loss": loss}
 
-    return train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, step, c.teacher_iters, EMA, fresh)
+    return train(c, "teacher", {"model": model, "ema": ema, "opt": opt}, graphed(c, step), c.teacher_iters, EMA, fresh)
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teacher.pt")
 
@@ -613,7 +621,7 @@ def train_ode(c, fresh=False):
         optimize(opt, loss := Fn.mse_loss(x0_hat, x0s[i]), model)
         return {"loss": loss}
 
-    return train(c, "ode", {"model": model, "ema": ema, "opt": opt}, step, c.ode_iters, EMA, fresh)
+    return train(c, "ode", {"model": model, "ema": ema, "opt": opt}, graphed(c, step), c.ode_iters, EMA, fresh)
 
 # TF and DF are the two ways to train a causal model on real videos in parallel (paper Sec. 2, Fig. 2a-b).
 # Both see only REAL frames as context during training; at inference both see their own outputs. That
@@ -634,7 +642,8 @@ def train_diffusion(c, context, fresh=False):
         optimize(opt, loss := Fn.mse_loss(v, eps - x0), model)
         return {"loss": loss}
 
-    return train(c, context, {"model": model, "ema": ema, "opt": opt}, step, c.diffusion_iters, EMA, fresh)
+    return train(c, context, {"model": model, "ema": ema, "opt": opt}, graphed(c, step), c.diffusion_iters, EMA,
+                 fresh)
 
 # ####################################################################################################
 # 8. Autoregressive rollout: Algorithm 1 (training) and inference are the SAME loop
@@ -753,37 +762,51 @@ def distill(c, context, fresh=False):
     # The only difference between the three methods is where the generator's training videos come from:
     # its own KV-cache rollout from noise (Self Forcing), or one parallel pass over noised REAL clips with
     # clean (TF+DMD) or noisy (DF+DMD) real context. Everything after that, DMD and critic, is shared.
-    def generate_train(B):
+    def draw():
+        """A batch's labels and, for Self Forcing, its exit step s (Alg. 1: s ~ U{0..K-1}, one per rollout)."""
+        y = torch.randint(0, gen.n_classes, (c.batch,), device=c.device)
+        s = int(torch.randint(c.few_steps, ())) if context == "self" else None
+        if s is not None and c.exit_step == "last":  # ablation: exit where inference does; steps < K-1 never
+            s = c.few_steps - 1  # get a gradient (drawn above all the same: both modes share the random stream)
+        return y, s
+
+    def generate_train(y, s):
         """The generator's videos for the DMD loss (grad enabled only where the method allows)."""
-        y = torch.randint(0, gen.n_classes, (B,), device=c.device)
-        if context == "self":  # Alg. 1: its own rollout, one exit step shared by all chunks
-            s = int(torch.randint(c.few_steps, ()))  # Alg. 1: s ~ U{0..K-1}, one draw per rollout
-            if c.exit_step == "last":  # ablation: exit where inference does; steps < K-1 never get a gradient
-                s = c.few_steps - 1  # (drawn above all the same: both modes share the random stream)
+        if context == "self":  # Alg. 1: its own rollout, the exit step s shared by all chunks
             # Sec. 3.4 `restrict`: a cache one chunk short, so the last chunk cannot see the first, as a
             # chunk far past the training length cannot
             return rollout(gen, y, c.frames, c, exit_step=s, window=c.frames - c.chunk * c.restrict), y
-        x_real, y = data.batch(B)  # CausVid: one parallel pass from real-data context
-        sigma, _ = chunk_sigmas(grid, B, c)
+        x_real, y = data.batch(len(y))  # CausVid: one parallel pass from real-data context
+        sigma, _ = chunk_sigmas(grid, len(y), c)
         x_t = add_noise(x_real, sigma, torch.randn_like(x_real))
         v = causal_forward(gen, x_t, sigma, y, c, context, x_clean=x_real)
         return x_t - sigma[..., None, None, None] * v, y
 
+    # The critic must track the generator's current distribution, so it is updated first, more often,
+    # each time on a fresh rollout: its flow-matching loss on generated videos makes critic(x_t) the
+    # score of p_gen, just as the teacher's loss on real videos made it the score of p_data.
+    def critic_update(y, s):
+        with torch.no_grad():
+            x, y = generate_train(y, s)
+        # Official: at the noise levels DMD queries it at (score_sigma, mostly near 1); critic_sigma=teacher:
+        # at the teacher's own logit-normal levels
+        sigma = (score_sigma if c.critic_sigma == "dmd" else clip_sigma)(c.batch, c, c.device)
+        optimize(opt_c, loss := flow_matching_loss(critic, x, y, sigma), critic)
+        return loss
+
+    def generator_update(y, s):  # one rollout with grad (Alg. 1), judged as a whole video by DMD
+        x, y = generate_train(y, s)
+        optimize(opt_g, loss := dmd_loss(x, y, teacher, critic, c), gen)
+        return loss
+
+    graphs = Graphs(c)  # on a GPU: one graph per update and exit step, each a whole rollout and update
+
     def step(it):
-        # The critic must track the generator's current distribution, so it is updated first, more often,
-        # each time on a fresh rollout: its flow-matching loss on generated videos makes critic(x_t) the
-        # score of p_gen, just as the teacher's loss on real videos made it the score of p_data.
         for _ in range(c.critic_ratio):
-            with torch.no_grad():
-                x, y = generate_train(c.batch)
-            # Official: at the noise levels DMD queries it at (score_sigma, mostly near 1); critic_sigma=teacher:
-            # at the teacher's own logit-normal levels
-            sigma = (score_sigma if c.critic_sigma == "dmd" else clip_sigma)(c.batch, c, c.device)
-            optimize(opt_c, lc := flow_matching_loss(critic, x, y, sigma), critic)
-        # The generator update: one rollout with grad (Alg. 1), judged as a whole video by DMD.
-        x, y = generate_train(c.batch)
-        optimize(opt_g, lg := dmd_loss(x, y, teacher, critic, c), gen)
-        return {"dmd": lg, "critic": lc}
+            y, s = draw()
+            lc = graphs(("critic", s), critic_update, y, s)
+        y, s = draw()
+        return {"dmd": graphs(("generator", s), generator_update, y, s), "critic": lc}
 
     nets = {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
     return train(c, distilled_name(c, context), nets, step, c.distill_iters, EMA_DMD, fresh)
@@ -858,41 +881,11 @@ def sample_stage(c, name, n_videos, n_frames):
     toy_data.write_samples(os.path.join(c.out, f"samples_{name}"), generate(model, kind, y, n_frames, c).cpu().numpy(),
                            y.cpu().numpy())
 
-STAGES = {
-    "demo": "(default) the whole pipeline on the preset, then eval: teacher, tf, df, ode, df+dmd, sf",
-    "teacher": "train the bidirectional many-step teacher (real score, critic init)",
-    "ode": "ODE-regression init of the causal few-step generator (--ode_teacher: tf model | bidir teacher)",
-    "diffusion": "many-step causal baseline by flow matching: --context tf | df",
-    "distill": "DMD few-step generator: --context self (Self Forcing) | tf | df (CausVid-style)",
-    "sample": "write samples_MODEL.npz (videos uint8 (N,F,H,W,3), labels) and a GIF: --model NAME",
-    "bench": "seconds per training step of every stage on this device (--n timed steps, default 16)",
-    "eval": "score every trained method at 1x and 4x (results.md, compare.gif, trails.png); --long: to 16x",
-}
+def parse(argv):  # the stages and their options: toy_data.STAGES
+    return toy_data.parse_cli(argv, Config, PRESETS, [m for m, _, _ in METHODS])
 
-def parse(argv):
-    p = argparse.ArgumentParser(
-        description="Self Forcing, minimal. Stages:\n" + "\n".join(f"  {k:9s} {v}" for k, v in STAGES.items()),
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.error = lambda msg: (print(f"error: {msg}", file=sys.stderr), sys.exit(2))  # one line, exit 2
-    p.add_argument("stage", nargs="?", default="demo", choices=list(STAGES), metavar="STAGE")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS))
-    p.add_argument("--fresh", action="store_true", help="retrain this stage even if a checkpoint exists")
-    p.add_argument("--context", default=None, help="tf | df for diffusion; self | tf | df for distill")
-    p.add_argument("--model", default="sf", choices=[m for m, _, _ in METHODS], help="sample: the checkpoint to sample")
-    p.add_argument("--n", type=int, default=16, help="sample: videos to write; bench: timed steps per stage")
-    p.add_argument("--n_frames", type=int, default=None, help="sample: frames per video (default: frames)")
-    p.add_argument("--long", action="store_true", help="eval: rollouts to 16x, quality per segment")
-    toy_data.config_flags(p, Config, {f.name: f"cpu preset: {PRESETS['cpu'].get(f.name, f.default)}"
-                                      for f in dataclasses.fields(Config)})  # every field, its comment the help
-    return toy_data.parse_known_flags(p, argv)
-
-def make_config(args):
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
-    c = Config(**{**PRESETS[args.preset], **given})
-    check_config(c)
-    c.device = toy_data.pick_device(c.device, UserError)  # auto: cuda, else mps, else cpu
-    c.out = toy_data.writable(c.out or os.path.join("runs", args.preset + "_gravity" * (c.gravity > 0)), UserError)
-    return c
+def make_config(args):  # the preset, the flags given, checked; the device and the run folder
+    return toy_data.make_config(args, Config, PRESETS, check_config, UserError)
 
 PIPELINE = [("teacher", None), ("diffusion", "tf"), ("diffusion", "df"), ("ode", None), ("distill", "df"),
             ("distill", "self")]  # the demo's stages, in order
@@ -905,14 +898,21 @@ def run_stage(c, stage, context=None, fresh=False):
      "diffusion": lambda: train_diffusion(c, context, fresh), "distill": lambda: distill(c, context, fresh)}[stage]()
 
 def bench(c, n):
-    """Seconds per training step of every stage, in one run on this device, in a throwaway folder."""
-    t = {}
-    with tempfile.TemporaryDirectory() as c.out:
-        for stage, ctx in PIPELINE[:4] + [("distill", "tf")] + PIPELINE[4:]:
-            for iters in (3, 3 + n):  # 3 steps of warm-up, then n more, resumed from them: timed
-                setattr(c, stage + "_iters", iters)
-                t[distilled_name(c, ctx) if stage == "distill" else ctx or stage] = run_stage(c, stage, ctx)
-    return toy_data.bench_table(t, c.device, n)
+    """Seconds per training step of every stage, in one run on this device, in a throwaway folder. On a GPU, with
+    the fast path (CUDA graphs) and without, and how far apart the two runs' weights end (the same computation)."""
+    t, modes = {}, ("graphs", "eager") if Graphs(c).on else ("eager",)
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:
+            c.graphs, c.out = mode == "graphs", os.path.join(tmp, mode)
+            os.makedirs(c.out)
+            for stage, ctx in PIPELINE[:4] + [("distill", "tf")] + PIPELINE[4:]:
+                name = distilled_name(c, ctx) if stage == "distill" else ctx or stage
+                for iters in (3, 3 + n):  # 3 steps of warm-up, then n more, resumed from them: timed
+                    setattr(c, stage + "_iters", iters)
+                    t[name, mode] = run_stage(c, stage, ctx)
+        diff = {name: toy_data.weight_diff(*(os.path.join(tmp, m, name + ".pt") for m in modes))
+                for name in {k for k, _ in t}} if len(modes) == 2 else {}  # same seed, same steps: 0 if the same
+    return toy_data.bench_table(t, diff, modes, c.device, n)
 
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)

@@ -1091,9 +1091,29 @@ def test_bench_times_every_stage_in_a_throwaway_folder(tmp_path, monkeypatch, ca
     monkeypatch.setattr(sf, "run_stage", fake)
     c = sf.Config(**sf.PRESETS["test"], device="cpu", out=str(tmp_path / "run"))
     t = sf.bench(c, 5)
-    assert list(t) == ["teacher", "tf", "df", "ode", "tf_dmd", "df_dmd", "sf"] and t["sf"] == 2.0
+    names = ["teacher", "tf", "df", "ode", "tf_dmd", "df_dmd", "sf"]
+    assert list(t) == [(n, "eager") for n in names] and t["sf", "eager"] == 2.0  # a CPU: eager only
     assert [(st, ctx, n) for st, ctx, n, *_ in calls[:4]] == [("teacher", None, 3), ("teacher", None, 8),
                                                            ("diffusion", "tf", 3), ("diffusion", "tf", 8)]
     assert len(calls) == 14 and len({o for *_, o, _ in calls}) == 1 and all(d for *_, d in calls)
     assert not os.path.exists(calls[0][3]) and not os.path.exists(tmp_path / "run")
-    assert "sf       2.0000  (2.00 x a DF+DMD step)" in capsys.readouterr().out
+    assert "sf              2.0000  (2.00 x)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; there `bench` checks the same")
+def test_cuda_graphs_train_what_eager_trains(tmp_path):
+    """The fast path replays recorded steps: every stage (Self Forcing with a graph per exit step, several replayed)
+    must end with the eager path's weights, from the same seed."""
+    ck = {}
+    for graphs in ("true", "false"):
+        a = ["--preset=test", "--device=cuda", f"--graphs={graphs}", f"--out={tmp_path / graphs}", "--distill_iters=8"]
+        for stage in (["teacher"], ["diffusion", "--context=tf"], ["diffusion", "--context=df"], ["ode"],
+                      ["distill", "--context=self"], ["distill", "--context=df"]):
+            sf.main(stage + a)
+        ck[graphs] = {n: torch.load(tmp_path / graphs / f"{n}.pt", weights_only=True)
+                      for n in ("teacher", "tf", "df", "ode", "sf", "df_dmd")}
+    for n, c in ck["true"].items():
+        for part in ("model", "ema") + ("critic",) * ("critic" in c):
+            d = max((c[part][k] - ck["false"][n][part][k]).abs().max().item() for k in c[part])
+            print(n, part, d)
+            assert d <= 1e-5, (n, part, d)

@@ -434,10 +434,22 @@ def write_trails(path, videos, captions, scale=6):
     imageio.imwrite(path, np.concatenate(panels[:-1], 1))
 
 
-def bench_table(t, device, n):
-    """self_forcing.py bench: seconds per step of each stage, and as a multiple of a DF+DMD step."""
-    print(f"\n[bench] {device}, {n} timed steps per stage, seconds per step:\n" + "\n".join(
-        f"{k:8s} {v:.4f}  ({v / t['df_dmd']:.2f} x a DF+DMD step)" for k, v in t.items()))
+def weight_diff(path_a, path_b):
+    """The largest difference between the averaged weights of two checkpoints."""
+    import torch
+    a, b = (torch.load(p, weights_only=True)["ema"] for p in (path_a, path_b))
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def bench_table(t, diff, modes, device, n):
+    """self_forcing.py bench: seconds per step of each stage per mode, as a multiple of a DF+DMD step; on a GPU the
+    fast path's speed-up over eager and the largest difference of the two runs' averaged weights."""
+    rows = [f"{'stage':8s}" + "".join(f"  {m + ' s/step':>12s}  (x DF+DMD)" for m in modes)
+            + "  speed-up  max |weight diff|" * (len(modes) == 2)]
+    for name in dict.fromkeys(k for k, _ in t):
+        row = f"{name:8s}" + "".join(f"  {t[name, m]:12.4f}  ({t[name, m] / t['df_dmd', m]:.2f} x)   " for m in modes)
+        rows.append(row + (f"  {t[name, 'eager'] / t[name, 'graphs']:7.1f}x  {diff[name]:.1e}" if diff else ""))
+    print(f"\n[bench] {device}, {n} timed steps per stage:\n" + "\n".join(rows))
     return t
 
 
@@ -581,6 +593,90 @@ def parse_known_flags(p, argv):
             close = difflib.get_close_matches(a, known, 1)
             p.error(f"unknown flag {a}" + (f" (did you mean {close[0]}?)" if close else ""))
     return p.parse_args(argv)
+
+
+def check_config(c, heads, error):
+    """self_forcing.check_config: each field's range first (the rules divide by some), then each rule."""
+    import dataclasses
+    check_fields(c, error, at_least_1=[  # every integer but the seed and the choice of n_objects
+        f.name for f in dataclasses.fields(c) if f.type is int and f.name not in ("seed", "n_objects")],
+        positive=("lr", "lr_gen", "lr_critic", "speed", "radius"), non_negative=("gravity", "cfg", "real_cfg", "seed"),
+        choices=dict(ode_teacher=("tf", "bidir"), critic_sigma=("dmd", "teacher"), kv_grad=("detach", "st"),
+                     exit_step=("random", "last"), n_objects=(1, 2, 3)), rules=lambda: [
+        (c.size % c.patch, f"size={c.size} is not a multiple of patch={c.patch}"),
+        (c.width % (8 * heads), f"width={c.width} must be a multiple of {8 * heads} ({heads} heads, 3D RoPE)"),
+        (c.frames % c.chunk, f"frames={c.frames} is not a multiple of chunk={c.chunk}"),
+        (c.euler_steps % c.few_steps, f"euler_steps={c.euler_steps} must be a multiple of few_steps={c.few_steps}"),
+        (c.restrict and c.frames < 2 * c.chunk, "restrict needs at least two chunks per clip"),
+        (walls(c.size, c.radius)[0] >= walls(c.size, c.radius)[1],
+         f"radius={c.radius}: the shapes do not fit a {c.size}-pixel frame")])
+
+
+def make_config(args, cls, presets, check, error):
+    """self_forcing.make_config: cls from the preset and the flags given, checked, its device and folder resolved."""
+    import dataclasses
+    import os
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    c = cls(**{**presets[args.preset], **given})
+    check(c)
+    c.device = pick_device(c.device, error)  # auto: cuda, else mps, else cpu
+    c.out = writable(c.out or os.path.join("runs", args.preset + "_gravity" * (c.gravity > 0)), error)
+    return c
+
+
+STAGES = {  # self_forcing.py's stages, for --help
+    "demo": "(default) the whole pipeline on the preset, then eval: teacher, tf, df, ode, df+dmd, sf",
+    "teacher": "train the bidirectional many-step teacher (real score, critic init)",
+    "ode": "ODE-regression init of the causal few-step generator (--ode_teacher: tf model | bidir teacher)",
+    "diffusion": "many-step causal baseline by flow matching: --context tf | df",
+    "distill": "DMD few-step generator: --context self (Self Forcing) | tf | df (CausVid-style)",
+    "sample": "write samples_MODEL.npz (videos uint8 (N,F,H,W,3), labels) and a GIF: --model NAME",
+    "bench": "seconds per training step of every stage (a GPU: CUDA graphs and eager); --n timed steps (16)",
+    "eval": "score every trained method at 1x and 4x (results.md, compare.gif, trails.png); --long: to 16x",
+}
+
+
+def parse_cli(argv, cls, presets, methods):
+    """self_forcing.py's command line: the stage, the options of some stages, and one --flag per field of cls."""
+    import argparse
+    import dataclasses
+    import sys
+    p = argparse.ArgumentParser(
+        description="Self Forcing, minimal. Stages:\n" + "\n".join(f"  {k:9s} {v}" for k, v in STAGES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.error = lambda msg: (print(f"error: {msg}", file=sys.stderr), sys.exit(2))  # one line, exit 2
+    p.add_argument("stage", nargs="?", default="demo", choices=list(STAGES), metavar="STAGE")
+    p.add_argument("--preset", default="cpu", choices=list(presets))
+    p.add_argument("--fresh", action="store_true", help="retrain this stage even if a checkpoint exists")
+    p.add_argument("--context", default=None, help="tf | df for diffusion; self | tf | df for distill")
+    p.add_argument("--model", default="sf", choices=methods, help="sample: the checkpoint to sample")
+    p.add_argument("--n", type=int, default=16, help="sample: videos to write; bench: timed steps per stage")
+    p.add_argument("--n_frames", type=int, default=None, help="sample: frames per video (default: frames)")
+    p.add_argument("--long", action="store_true", help="eval: rollouts to 16x, quality per segment")
+    config_flags(p, cls, {f.name: f"cpu preset: {presets['cpu'].get(f.name, f.default)}"
+                          for f in dataclasses.fields(cls)})  # every field, its comment the help
+    return parse_known_flags(p, argv)
+
+
+def load_checkpoint(path, c, what, fields, cls, error):
+    """self_forcing.load: a finished checkpoint whose config agrees with c on `fields` (a field the checkpoint
+    predates: cls's default), else error(one line saying what to run or which setting differs)."""
+    import os
+    import torch
+    if not os.path.exists(path):
+        raise error(f"checkpoint {path} is unfinished: run its stage again to finish it" if os.path.exists(
+            path[:-3] + ".part.pt") else f"missing checkpoint {path}: run the `{what}` stage first")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  truncated or foreign file
+        raise error(f"cannot read checkpoint {path}: {type(e).__name__}")
+    if not (isinstance(ck, dict) and {"config", "step", "iters", "ema"} <= ck.keys()):
+        raise error(f"{path} is not a checkpoint of self_forcing.py")
+    for f in fields:  # a field the checkpoint predates: the default
+        if (have := ck["config"].get(f, getattr(cls, f))) != getattr(c, f):
+            raise error(f"checkpoint {path} has {f}={have} but this run has {f}={getattr(c, f)} (same "
+                        "settings, --fresh to retrain it, or another --out for a variant)")
+    return ck
 
 
 def atomic(path, write):
