@@ -903,8 +903,7 @@ def bench(c, n):
     t, modes = {}, ("graphs", "eager") if Graphs(c).on else ("eager",)
     with tempfile.TemporaryDirectory() as tmp:
         for mode in modes:
-            c.graphs, c.out = mode == "graphs", os.path.join(tmp, mode)
-            os.makedirs(c.out)
+            c.graphs, c.out = mode == "graphs", toy_data.writable(os.path.join(tmp, mode), UserError)
             for stage, ctx in PIPELINE[:4] + [("distill", "tf")] + PIPELINE[4:]:
                 name = distilled_name(c, ctx) if stage == "distill" else ctx or stage
                 for iters in (3, 3 + n):  # 3 steps of warm-up, then n more, resumed from them: timed

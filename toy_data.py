@@ -17,8 +17,8 @@ frozen video scores 0). Semantics = the best-fitting shape family is the label.
 
 Also here, as non-paper code: the side-by-side GIF, the trails figure, the markdown tables of the results and
 of `bench` (`python toy_data.py grid ROOT`: the chunk-wise / frame-wise table of the README's grid), and the
-plumbing of self_forcing.py's command line: its flags and their checks, the device, atomic writes, the RNG
-state of a checkpoint, the NaN check, the guard of a training stage (lock, Ctrl-C).
+plumbing of self_forcing.py's command line: its stages, flags and their checks, the device, loading and atomic
+writes of checkpoints, their RNG state, the NaN check, the guard of a training stage (lock, Ctrl-C).
 """
 import numpy as np
 
@@ -515,7 +515,7 @@ def grid_table(root):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. The plumbing of self_forcing.py: errors, flags from its Config, device, atomic writes, RNG, the stage guard
+# 8. The plumbing of self_forcing.py: errors, checkpoints, RNG, config checks, the CLI, device, atomic writes, guard
 
 class UserError(Exception):
     """self_forcing.py's bad input: printed as one line, exit code 2 (130: interrupted), nothing destroyed."""
