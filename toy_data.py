@@ -448,7 +448,8 @@ def bench_table(t, diff, modes, device, n):
             + "  speed-up  max |weight diff|" * (len(modes) == 2)]
     for name in dict.fromkeys(k for k, _ in t):
         row = f"{name:8s}" + "".join(f"  {t[name, m]:12.4f}  ({t[name, m] / t['df_dmd', m]:.2f} x)   " for m in modes)
-        rows.append((row + (f"  {t[name, 'eager'] / t[name, 'graphs']:7.1f}x  {diff[name]:.1e}" if diff else "")).rstrip())
+        speed = f"  {t[name, 'eager'] / t[name, 'graphs']:7.1f}x  {diff[name]:.1e}" if diff else ""
+        rows.append((row + speed).rstrip())
     print(f"\n[bench] {device}, {n} timed steps per stage:\n" + "\n".join(rows))
     return t
 
