@@ -225,9 +225,9 @@ class Attention(nn.Module):
         With a cache, x is the new chunk: its keys/values are written into the cache and its queries
         attend to everything the cache holds (earlier chunks + itself), so no mask is needed."""
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.nh, D // self.nh).permute(2, 0, 3, 1, 4)  # (B, nh, L, hd)
-        q, k = Fn.rms_norm(q, q.shape[-1:]), Fn.rms_norm(k, k.shape[-1:])  # QK-norm (as Wan)
-        q, k = apply_rope(q, cs), apply_rope(k, cs)  # keys are cached already rotated
+        qkv = self.qkv(x).view(B, L, 3, self.nh, D // self.nh).permute(2, 0, 3, 1, 4)  # (3, B, nh, L, hd)
+        q, k = apply_rope(Fn.rms_norm(qkv[:2], qkv.shape[-1:]), cs)  # QK-norm (as Wan), RoPE: keys cached rotated
+        v = qkv[2]  # (B, nh, L, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, Lk, hd): cached frames + this chunk
         o = Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, L, hd)
@@ -255,8 +255,7 @@ class Block(nn.Module):
 
 class DiT(nn.Module):
     """Video DiT: patchify each frame, per-frame (sigma, label) adaLN, spatial position embedding inside
-    the frame, RoPE over the frame index, row and column in attention. Predicts
-    the flow v = eps - x0."""
+    the frame, RoPE over the frame index, row and column in attention. Predicts the flow v = eps - x0."""
 
     def __init__(self, c):
         super().__init__()
@@ -661,7 +660,8 @@ def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, wi
     exit_step: None for inference (the last step). Self Forcing training passes s ~ U{0..K-1}, shared by
       every chunk, with grad enabled: steps before s run under no_grad, step s with grad (stochastic
       gradient truncation, Sec. 3.2), the refresh under no_grad; c.kv_grad says whether gradient passes
-      through the cache into the exit steps of earlier chunks ("st") or not ("detach").
+      through the cache into the exit steps of earlier chunks ("st") or not ("detach"). A (B,) tensor (no
+      grad): a batch of rollouts with their own exit steps (the critic's); every step runs, each keeps its own.
     noise (B, n_frames, C, H, W): the chunks' starting noise (default: drawn). window, sink: the cache's
       size in frames (default c.frames, the training length) and its never-evicted first frames.
     trace: a dict that collects the model calls, grad_calls, the frames each chunk attended to (seen) and,
@@ -670,6 +670,7 @@ def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, wi
     sigmas, cfg = (euler_sigmas(c)[:-1].tolist(), c.cfg) if euler else (few_step_sigmas(c).tolist(), 1.0)
     s = len(sigmas) - 1 if exit_step is None else exit_step  # inference: always exit at the last step
     train_mode = torch.is_grad_enabled()  # the caller decides: no_grad for sampling, grad for Alg. 1
+    last = len(sigmas) - 1 if torch.is_tensor(s) else s  # (B,) exit steps (no grad): all K steps, each keeps its own
     cache = KVCache(len(model.blocks), model.N, window or c.frames, sink)  # fresh per rollout; rolls past window
     trace, out = {} if trace is None else trace, []  # out: the chunks' outputs
     for f0 in range(0, n_frames, ch):  # Alg. 1 line 3: for each chunk i = 1..N
@@ -679,16 +680,18 @@ def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, wi
         inputs = []
         # Alg. 1 lines 5-12: denoise with the K-step schedule, stopping at the exit step s.
         # Only step s builds an autograd graph: the memory of one pass per chunk, however many steps.
-        for k in range(s + 1):
+        for k in range(last + 1):
             inputs.append(x)
             sigma = torch.full((B, ch), sigmas[k], device=c.device)  # (B, ch)
             with torch.set_grad_enabled(train_mode and k == s):
-                x0_hat = x - sigmas[k] * guided(model, x, sigma, y, cfg, pos=pos, cache=cache)  # (B, ch, C, H, W)
+                x0_k = x - sigmas[k] * guided(model, x, sigma, y, cfg, pos=pos, cache=cache)  # (B, ch, C, H, W)
+            # per-sample exit steps: a sample past its own keeps the x0_hat it exited with
+            x0_hat = torch.where((s < k).view(B, 1, 1, 1, 1), x0_hat, x0_k) if torch.is_tensor(s) and k else x0_k
             trace["calls"] = trace.get("calls", 0) + 1
             trace["grad_calls"] = trace.get("grad_calls", 0) + int(x0_hat.requires_grad)
-            if k < s:  # re-noise to the next level
-                eps = (x - (1 - sigmas[k]) * x0_hat) / sigmas[k] if euler else torch.randn_like(x)
-                x = ((1 - sigmas[k + 1]) * x0_hat + sigmas[k + 1] * eps).detach()
+            if k < last:  # re-noise to the next level
+                eps = (x - (1 - sigmas[k]) * x0_k) / sigmas[k] if euler else torch.randn_like(x)
+                x = ((1 - sigmas[k + 1]) * x0_k + sigmas[k + 1] * eps).detach()
         trace.setdefault("seen", []).append(list(cache.frames))  # the frames this chunk attended to
         if "inputs" in trace:
             trace["inputs"].append(inputs)
@@ -762,12 +765,13 @@ def distill(c, context, fresh=False):
     # The only difference between the three methods is where the generator's training videos come from:
     # its own KV-cache rollout from noise (Self Forcing), or one parallel pass over noised REAL clips with
     # clean (TF+DMD) or noisy (DF+DMD) real context. Everything after that, DMD and critic, is shared.
-    def draw():
-        """A batch's labels and, for Self Forcing, its exit step s (Alg. 1: s ~ U{0..K-1}, one per rollout)."""
-        y = torch.randint(0, gen.n_classes, (c.batch,), device=c.device)
-        s = int(torch.randint(c.few_steps, ())) if context == "self" else None
+    def draw(n):
+        """Labels for n rollouts of c.batch clips (n batch,) and, for Self Forcing, their exit steps, a list of n
+        (Alg. 1: s ~ U{0..K-1}, one per rollout, shared by its chunks); None for TF+DMD and DF+DMD."""
+        y = torch.randint(0, gen.n_classes, (n * c.batch,), device=c.device)
+        s = torch.randint(c.few_steps, (n,)).tolist() if context == "self" else None
         if s is not None and c.exit_step == "last":  # ablation: exit where inference does; steps < K-1 never
-            s = c.few_steps - 1  # get a gradient (drawn above all the same: both modes share the random stream)
+            s = [c.few_steps - 1] * n  # get a gradient (drawn above all the same: one random stream)
         return y, s
 
     def generate_train(y, s):
@@ -782,16 +786,18 @@ def distill(c, context, fresh=False):
         v = causal_forward(gen, x_t, sigma, y, c, context, x_clean=x_real)
         return x_t - sigma[..., None, None, None] * v, y
 
-    # The critic must track the generator's current distribution, so it is updated first, more often,
-    # each time on a fresh rollout: its flow-matching loss on generated videos makes critic(x_t) the
-    # score of p_gen, just as the teacher's loss on real videos made it the score of p_data.
-    def critic_update(y, s):
+    # The critic must track the generator's current distribution, so it is updated first, more often, each
+    # time on fresh videos: its flow-matching loss on generated videos makes critic(x_t) the score of p_gen, as
+    # the teacher's loss on real videos made it the score of p_data. The generator does not change in between,
+    # so the critic_ratio batches are generated at once (rollouts with their own exit steps, batched: i.i.d.).
+    def critic_updates(y, s):
         with torch.no_grad():
-            x, y = generate_train(y, s)
-        # Official: at the noise levels DMD queries it at (score_sigma, mostly near 1); critic_sigma=teacher:
-        # at the teacher's own logit-normal levels
-        sigma = (score_sigma if c.critic_sigma == "dmd" else clip_sigma)(c.batch, c, c.device)
-        optimize(opt_c, loss := flow_matching_loss(critic, x, y, sigma), critic)
+            xs, ys = generate_train(y, s)
+        for x, y in zip(xs.split(c.batch), ys.split(c.batch)):
+            # Official: at the noise levels DMD queries it at (score_sigma, mostly near 1); critic_sigma=teacher:
+            # at the teacher's own logit-normal levels
+            sigma = (score_sigma if c.critic_sigma == "dmd" else clip_sigma)(c.batch, c, c.device)
+            optimize(opt_c, loss := flow_matching_loss(critic, x, y, sigma), critic)
         return loss
 
     def generator_update(y, s):  # one rollout with grad (Alg. 1), judged as a whole video by DMD
@@ -799,14 +805,13 @@ def distill(c, context, fresh=False):
         optimize(opt_g, loss := dmd_loss(x, y, teacher, critic, c), gen)
         return loss
 
-    graphs = Graphs(c)  # on a GPU: one graph per update and exit step, each a whole rollout and update
+    graphs = Graphs(c)  # on a GPU: one graph for the critic's updates, one per exit step for the generator's
 
     def step(it):
-        for _ in range(c.critic_ratio):
-            y, s = draw()
-            lc = graphs(("critic", s), critic_update, y, s)
-        y, s = draw()
-        return {"dmd": graphs(("generator", s), generator_update, y, s), "critic": lc}
+        y, s = draw(c.critic_ratio)  # an exit step per clip (on the device: a graph's input)
+        lc = graphs("critic", critic_updates, y, s and torch.tensor(s, device=c.device).repeat_interleave(c.batch))
+        y, s = draw(1)
+        return {"dmd": graphs(("generator", s and s[0]), generator_update, y, s and s[0]), "critic": lc}
 
     nets = {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
     return train(c, distilled_name(c, context), nets, step, c.distill_iters, EMA_DMD, fresh)
@@ -873,8 +878,6 @@ def evaluate(c, long=False, need=()):
 
 def sample_stage(c, name, n_videos, n_frames):
     kind = {m: k for m, _, k in METHODS}[name]  # name: one of METHODS (argparse checks)
-    if n_frames < 1 or n_frames % c.chunk:  # (n_videos >= 1: main)
-        raise UserError(f"--n_frames={n_frames}: at least 1 and a multiple of chunk={c.chunk}")
     model = build(c, load(os.path.join(c.out, name + ".pt"), c, name)["ema"]).eval()
     torch.manual_seed(c.seed)
     y = torch.arange(n_videos, device=c.device) % model.n_classes
@@ -884,7 +887,7 @@ def sample_stage(c, name, n_videos, n_frames):
 def parse(argv):  # the stages and their options: toy_data.STAGES
     return toy_data.parse_cli(argv, Config, PRESETS, [m for m, _, _ in METHODS])
 
-def make_config(args):  # the preset, the flags given, checked; the device and the run folder
+def make_config(args):  # the preset, the flags given, the stage's options, checked; the device and the run folder
     return toy_data.make_config(args, Config, PRESETS, check_config, UserError)
 
 PIPELINE = [("teacher", None), ("diffusion", "tf"), ("diffusion", "df"), ("ode", None), ("distill", "df"),
@@ -916,10 +919,7 @@ def bench(c, n):
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        c = make_config(args)
-        need = {"diffusion": ("tf", "df"), "distill": ("self", "tf", "df")}.get(args.stage)
-        if need and args.context not in need or args.n < 1:
-            raise UserError(f"{args.stage} needs --context {' | '.join(need)}" if need else f"--n={args.n}: at least 1")
+        c = make_config(args)  # (and the stage's own options checked)
         torch.backends.cuda.matmul.allow_tf32 = True  # GPU matmuls in TF32 (no effect elsewhere)
         print("config:", dataclasses.asdict(c))
         if args.stage == "demo":

@@ -715,8 +715,9 @@ def test_distill_trains_critic_and_generator_only(run_dir, tmp_path):
 
 def test_exit_step_is_drawn_from_all_k_once_per_rollout_by_default(run_dir, tmp_path, monkeypatch):
     """Alg. 1 by default: one exit step per rollout from all K, shared by every chunk of it (each chunk
-    runs s + 1 steps, one of them with grad); exit_step=last exits where inference does, with the rest of
-    training (and its random stream) unchanged."""
+    runs s + 1 steps, one of them with grad). The critic's rollouts of a generator update run as one batch,
+    each rollout of c.batch clips with its own s (no grad, every step run). exit_step=last exits where
+    inference does, with the rest of training (and its random stream) unchanged."""
     copy_checkpoints(run_dir, tmp_path, "teacher", "ode")
     seen, orig = [], sf.rollout
 
@@ -727,21 +728,44 @@ def test_exit_step_is_drawn_from_all_k_once_per_rollout_by_default(run_dir, tmp_
         return out
 
     monkeypatch.setattr(sf, "rollout", spy)
-    runs = {}
+    runs, R, B = {}, 3, cfg().batch
     for mode in ("random", "last"):
         seen.clear()
         torch.manual_seed(0)
-        c = cfg(out=str(tmp_path), distill_iters=8, critic_ratio=2, **({} if mode == "random" else {"exit_step": mode}))
+        c = cfg(out=str(tmp_path), distill_iters=8, critic_ratio=R, **({} if mode == "random" else {"exit_step": mode}))
         sf.distill(c, "self")
         runs[mode] = list(seen)
         os.remove(tmp_path / "sf.pt")
     K, n = cfg().few_steps, cfg().frames // cfg().chunk
-    assert len(runs["random"]) == len(runs["last"]) == 8 * 3  # every critic and generator rollout
-    counts = np.bincount([s for s, *_ in runs["random"]], minlength=K)
-    assert (counts > 0).all() and len(counts) == K, counts  # every exit step drawn
-    assert {s for s, *_ in runs["last"]} == {K - 1}
-    for s, calls, grad_calls, grad in runs["random"]:  # one s for all chunks: s + 1 steps each, + refreshes
-        assert calls == n * (s + 1) + n - 1 and grad_calls == (n if grad else 0)
+    assert len(runs["random"]) == len(runs["last"]) == 8 * 2  # per update: the critic's batch, the generator's
+    draws = {}
+    for mode, rolls in runs.items():
+        critic, gen = rolls[0::2], rolls[1::2]
+        for s, calls, grad_calls, grad in critic:  # R rollouts of B clips, an exit step each, every step run
+            assert s.shape == (R * B,) and (s.view(R, B) == s.view(R, B)[:, :1]).all()
+            assert calls == n * K + n - 1 and grad_calls == 0 and not grad
+        for s, calls, grad_calls, grad in gen:  # one s for all chunks: s + 1 steps each, + refreshes
+            assert isinstance(s, int) and calls == n * (s + 1) + n - 1 and grad_calls == n and grad
+        draws[mode] = [int(v) for s, *_ in critic for v in s.view(R, B)[:, 0]] + [s for s, *_ in gen]
+    assert any(len(set(s.tolist())) > 1 for s, *_ in runs["random"][0::2])  # drawn per rollout, not per batch
+    counts = np.bincount(draws["random"], minlength=K)
+    assert (counts > 0).all() and len(counts) == K, counts  # every exit step drawn, critic's and generator's
+    assert set(draws["last"]) == {K - 1}
+
+
+def test_a_batch_of_rollouts_keeps_each_ones_own_exit_step(monkeypatch):
+    """The critic's rollouts run as one batch with per-sample exit steps: each sample's video must be the one a
+    rollout with its own exit step makes from the same noise (the fresh re-noising made zero, to compare)."""
+    c = cfg(frames=6, chunk=2)
+    m = random_model(c)
+    y, s = torch.tensor([0, 1, 2, 0]), torch.tensor([2, 0, 3, 1])
+    noise = torch.randn(4, 6, 3, c.size, c.size)
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    with torch.no_grad():
+        batch = sf.rollout(m, y, 6, c, exit_step=s, noise=noise)
+        one = lambda b, s_b: sf.rollout(m, y[b:b + 1], 6, c, exit_step=s_b, noise=noise[b:b + 1])  # noqa: E731
+        torch.testing.assert_close(batch, torch.cat([one(b, int(s[b])) for b in range(4)]), atol=1e-5, rtol=1e-5)
+        assert min((batch[b] - one(b, 3 - int(s[b]))).abs().max() for b in range(4)) > 1e-3  # the exit step matters
 
 
 def test_straight_through_changes_training_at_the_last_exit_step(run_dir, tmp_path):

@@ -614,12 +614,18 @@ def check_config(c, heads, error):
 
 
 def make_config(args, cls, presets, check, error):
-    """self_forcing.make_config: cls from the preset and the flags given, checked, its device and folder resolved."""
+    """self_forcing.make_config: cls from the preset and the flags given, checked, its device and folder resolved;
+    the stage's own options (--context, --n, --n_frames) checked too."""
     import dataclasses
     import os
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
     c = cls(**{**presets[args.preset], **given})
     check(c)
+    need = {"diffusion": ("tf", "df"), "distill": ("self", "tf", "df")}.get(args.stage)
+    if need and args.context not in need or args.n < 1:
+        raise error(f"{args.stage} needs --context {' | '.join(need)}" if need else f"--n={args.n}: at least 1")
+    if args.n_frames is not None and (args.n_frames < 1 or args.n_frames % c.chunk):
+        raise error(f"--n_frames={args.n_frames}: at least 1 and a multiple of chunk={c.chunk}")
     c.device = pick_device(c.device, error)  # auto: cuda, else mps, else cpu
     c.out = writable(c.out or os.path.join("runs", args.preset + "_gravity" * (c.gravity > 0)), error)
     return c
