@@ -728,16 +728,16 @@ def test_exit_step_is_drawn_from_all_k_once_per_rollout_by_default(run_dir, tmp_
         return out
 
     monkeypatch.setattr(sf, "rollout", spy)
-    runs, R, B = {}, 3, cfg().batch
+    runs, R, B = {}, 2, cfg().batch
     for mode in ("random", "last"):
         seen.clear()
         torch.manual_seed(0)
-        c = cfg(out=str(tmp_path), distill_iters=8, critic_ratio=R, **({} if mode == "random" else {"exit_step": mode}))
+        c = cfg(out=str(tmp_path), distill_iters=6, critic_ratio=R, **({} if mode == "random" else {"exit_step": mode}))
         sf.distill(c, "self")
         runs[mode] = list(seen)
         os.remove(tmp_path / "sf.pt")
     K, n = cfg().few_steps, cfg().frames // cfg().chunk
-    assert len(runs["random"]) == len(runs["last"]) == 8 * 2  # per update: the critic's batch, the generator's
+    assert len(runs["random"]) == len(runs["last"]) == 6 * 2  # per update: the critic's batch, the generator's
     draws = {}
     for mode, rolls in runs.items():
         critic, gen = rolls[0::2], rolls[1::2]
