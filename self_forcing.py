@@ -811,7 +811,8 @@ def distill(c, context, fresh=False):
         y, s = draw(c.critic_ratio)  # an exit step per clip (on the device: a graph's input)
         lc = graphs("critic", critic_updates, y, s and torch.tensor(s, device=c.device).repeat_interleave(c.batch))
         y, s = draw(1)
-        return {"dmd": graphs(("generator", s and s[0]), generator_update, y, s and s[0]), "critic": lc}
+        s = s and s[0]  # the generator's one rollout: one exit step (None for TF+DMD and DF+DMD)
+        return {"dmd": graphs(("generator", s), generator_update, y, s), "critic": lc}
 
     nets = {"model": gen, "ema": ema, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
     return train(c, distilled_name(c, context), nets, step, c.distill_iters, EMA_DMD, fresh)
