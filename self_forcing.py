@@ -101,6 +101,7 @@ CLIP = 10.0  # gradient-norm clipping (official)
 N_TRAIN = 8000  # real training clips, generated once and kept on the device
 LONG = 4  # the evaluation table's long rollouts: LONG x the training length (`eval --long`: 16 x)
 CKPT_EVERY = 500  # checkpoint period in steps (an interrupted stage resumes from there)
+BATCHED = ("cuda", "mps")  # devices that batch the critic's rollouts into one (launch-bound; a CPU: one by one)
 
 PRESETS = {
     "test": dict(size=8, n_objects=1, radius=1.5, speed=0.75, patch=2, width=32, depth=2, frames=4, chunk=2,
@@ -122,9 +123,6 @@ STAGE_FIELDS = {"teacher": _teacher, "tf": _diffusion, "df": _diffusion, "ode": 
                 "sf": _dmd + ("kv_grad", "exit_step", "restrict")}
 
 UserError = toy_data.UserError  # bad input: printed as one line, exit code 2 (130: interrupted), nothing destroyed
-
-def check_config(c):  # bad values end the run in one line (toy_data: the ranges, then the rules)
-    toy_data.check_config(c, HEADS, UserError)
 
 # ####################################################################################################
 # 2. Flow matching and the few-step schedule
@@ -310,8 +308,7 @@ def guided(model, x, sigma, y, cfg, **kw):
     if cfg == 1:
         return model(x, sigma, y, **kw)
     null = torch.full_like(y, model.n_classes)
-    v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([y, null]), **kw)
-    vc, vu = v.chunk(2)
+    vc, vu = model(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([y, null]), **kw).chunk(2)
     return vu + cfg * (vc - vu)
 
 # ####################################################################################################
@@ -789,10 +786,12 @@ def distill(c, context, fresh=False):
     # The critic must track the generator's current distribution, so it is updated first, more often, each
     # time on fresh videos: its flow-matching loss on generated videos makes critic(x_t) the score of p_gen, as
     # the teacher's loss on real videos made it the score of p_data. The generator does not change in between,
-    # so the critic_ratio batches are generated at once (rollouts with their own exit steps, batched: i.i.d.).
+    # so its critic_ratio batches are rolled out first: on a GPU as ONE batch (s per clip: fewer, larger calls),
+    # on a CPU one by one (s a list: each rollout stops at its own exit step, less arithmetic). Both i.i.d.
     def critic_updates(y, s):
         with torch.no_grad():
-            xs, ys = generate_train(y, s)
+            xs, ys = generate_train(y, s) if s is None or torch.is_tensor(s) else \
+                [torch.cat(t) for t in zip(*map(generate_train, y.split(c.batch), s))]
         for x, y in zip(xs.split(c.batch), ys.split(c.batch)):
             # Official: at the noise levels DMD queries it at (score_sigma, mostly near 1); critic_sigma=teacher:
             # at the teacher's own logit-normal levels
@@ -808,8 +807,10 @@ def distill(c, context, fresh=False):
     graphs = Graphs(c)  # on a GPU: one graph for the critic's updates, one per exit step for the generator's
 
     def step(it):
-        y, s = draw(c.critic_ratio)  # an exit step per clip (on the device: a graph's input)
-        lc = graphs("critic", critic_updates, y, s and torch.tensor(s, device=c.device).repeat_interleave(c.batch))
+        y, s = draw(c.critic_ratio)
+        if s and torch.device(c.device).type in BATCHED:  # an exit step per clip, on the device (a graph's input)
+            s = torch.tensor(s, device=c.device).repeat_interleave(c.batch)
+        lc = graphs("critic", critic_updates, y, s)
         y, s = draw(1)
         s = s and s[0]  # the generator's one rollout: one exit step (None for TF+DMD and DF+DMD)
         return {"dmd": graphs(("generator", s), generator_update, y, s), "critic": lc}
@@ -888,9 +889,6 @@ def sample_stage(c, name, n_videos, n_frames):
 def parse(argv):  # the stages and their options: toy_data.STAGES
     return toy_data.parse_cli(argv, Config, PRESETS, [m for m, _, _ in METHODS])
 
-def make_config(args):  # the preset, the flags given, the stage's options, checked; the device and the run folder
-    return toy_data.make_config(args, Config, PRESETS, check_config, UserError)
-
 PIPELINE = [("teacher", None), ("diffusion", "tf"), ("diffusion", "df"), ("ode", None), ("distill", "df"),
             ("distill", "self")]  # the demo's stages, in order
 
@@ -920,7 +918,7 @@ def bench(c, n):
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        c = make_config(args)  # (and the stage's own options checked)
+        c = toy_data.make_config(args, Config, PRESETS, HEADS, UserError)  # preset + flags, checked; device, folder
         torch.backends.cuda.matmul.allow_tf32 = True  # GPU matmuls in TF32 (no effect elsewhere)
         print("config:", dataclasses.asdict(c))
         if args.stage == "demo":

@@ -19,7 +19,7 @@ import toy_data
 
 def cfg(**kw):
     c = sf.Config(**{**sf.PRESETS["test"], "device": "cpu", **kw})
-    sf.check_config(c)
+    toy_data.check_config(c, sf.HEADS, sf.UserError)
     return c
 
 
@@ -600,7 +600,8 @@ def test_long_view(run_dir, tmp_path):
     sf.main(["distill", "--context", "self", "--restrict=true"] + args)
     assert (tmp_path / "sf_restrict.pt").exists() and sf.torch.load(
         tmp_path / "sf_restrict.pt", weights_only=True)["step"] == 2  # its own file, not sf.pt
-    res = sf.evaluate(sf.make_config(sf.parse(["eval"] + args)), long=True)
+    res = sf.evaluate(toy_data.make_config(sf.parse(["eval"] + args), sf.Config, sf.PRESETS, sf.HEADS, sf.UserError),
+                      long=True)
     labels = [r["label"] for r in res.values()]
     assert labels == ["real data", "TF (many-step)", "ODE init (4-step)", "Self Forcing (4-step)",
                       "SF + sink of 2", "SF, restricted"]
@@ -715,9 +716,9 @@ def test_distill_trains_critic_and_generator_only(run_dir, tmp_path):
 
 def test_exit_step_is_drawn_from_all_k_once_per_rollout_by_default(run_dir, tmp_path, monkeypatch):
     """Alg. 1 by default: one exit step per rollout from all K, shared by every chunk of it (each chunk
-    runs s + 1 steps, one of them with grad). The critic's rollouts of a generator update run as one batch,
-    each rollout of c.batch clips with its own s (no grad, every step run). exit_step=last exits where
-    inference does, with the rest of training (and its random stream) unchanged."""
+    runs s + 1 steps, one of them with grad). The critic's rollouts of a generator update, no grad: on a CPU one
+    rollout per batch, each to its own s; on a GPU (batched) one batch of R x B clips, each rollout of B clips with
+    its own s, every step run. exit_step=last exits where inference does, the random stream unchanged."""
     copy_checkpoints(run_dir, tmp_path, "teacher", "ode")
     seen, orig = [], sf.rollout
 
@@ -729,28 +730,38 @@ def test_exit_step_is_drawn_from_all_k_once_per_rollout_by_default(run_dir, tmp_
 
     monkeypatch.setattr(sf, "rollout", spy)
     runs, R, B = {}, 2, cfg().batch
-    for mode in ("random", "last"):
+    for mode, batched in (("random", False), ("random", True), ("last", True)):
         seen.clear()
         torch.manual_seed(0)
-        c = cfg(out=str(tmp_path), distill_iters=6, critic_ratio=R, **({} if mode == "random" else {"exit_step": mode}))
+        monkeypatch.setattr(sf, "BATCHED", ("cpu",) if batched else ())
+        c = cfg(out=str(tmp_path), distill_iters=4, critic_ratio=R, **({} if mode == "random" else {"exit_step": mode}))
         sf.distill(c, "self")
-        runs[mode] = list(seen)
+        runs[mode, batched] = list(seen)
         os.remove(tmp_path / "sf.pt")
     K, n = cfg().few_steps, cfg().frames // cfg().chunk
-    assert len(runs["random"]) == len(runs["last"]) == 6 * 2  # per update: the critic's batch, the generator's
     draws = {}
-    for mode, rolls in runs.items():
-        critic, gen = rolls[0::2], rolls[1::2]
-        for s, calls, grad_calls, grad in critic:  # R rollouts of B clips, an exit step each, every step run
-            assert s.shape == (R * B,) and (s.view(R, B) == s.view(R, B)[:, :1]).all()
-            assert calls == n * K + n - 1 and grad_calls == 0 and not grad
+    for (mode, batched), rolls in runs.items():
+        per_update = 2 if batched else R + 1  # the critic's batch or R rollouts, then the generator's
+        assert len(rolls) == 4 * per_update
+        critic = [r for i, r in enumerate(rolls) if i % per_update < per_update - 1]
+        gen = rolls[per_update - 1::per_update]
+        for s, calls, grad_calls, grad in critic:
+            assert grad_calls == 0 and not grad
+            if batched:  # R rollouts of B clips, an exit step each, every step run
+                assert s.shape == (R * B,) and (s.view(R, B) == s.view(R, B)[:, :1]).all()
+                assert calls == n * K + n - 1
+            else:  # one rollout, to its own exit step
+                assert isinstance(s, int) and calls == n * (s + 1) + n - 1
         for s, calls, grad_calls, grad in gen:  # one s for all chunks: s + 1 steps each, + refreshes
             assert isinstance(s, int) and calls == n * (s + 1) + n - 1 and grad_calls == n and grad
-        draws[mode] = [int(v) for s, *_ in critic for v in s.view(R, B)[:, 0]] + [s for s, *_ in gen]
-    assert any(len(set(s.tolist())) > 1 for s, *_ in runs["random"][0::2])  # drawn per rollout, not per batch
-    counts = np.bincount(draws["random"], minlength=K)
+        draws[mode, batched] = [int(v) for s, *_ in critic for v in (s.view(R, B)[:, 0] if batched else [s])] \
+            + [s for s, *_ in gen]
+    for batched in (True, False):  # drawn per rollout: the critic's rollouts of some update differ
+        per_update = [draws["random", batched][R * u:R * u + R] for u in range(4)]
+        assert any(len(set(d)) > 1 for d in per_update), per_update
+    counts = np.bincount(draws["random", False] + draws["random", True], minlength=K)
     assert (counts > 0).all() and len(counts) == K, counts  # every exit step drawn, critic's and generator's
-    assert set(draws["last"]) == {K - 1}
+    assert set(draws["last", True]) == {K - 1}
 
 
 def test_a_batch_of_rollouts_keeps_each_ones_own_exit_step(monkeypatch):

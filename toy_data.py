@@ -597,7 +597,7 @@ def parse_known_flags(p, argv):
 
 
 def check_config(c, heads, error):
-    """self_forcing.check_config: each field's range first (the rules divide by some), then each rule."""
+    """self_forcing's Config: each field's range first (the rules divide by some), then each rule."""
     import dataclasses
     check_fields(c, error, at_least_1=[  # every integer but the seed and the choice of n_objects
         f.name for f in dataclasses.fields(c) if f.type is int and f.name not in ("seed", "n_objects")],
@@ -613,14 +613,14 @@ def check_config(c, heads, error):
          f"radius={c.radius}: the shapes do not fit a {c.size}-pixel frame")])
 
 
-def make_config(args, cls, presets, check, error):
-    """self_forcing.make_config: cls from the preset and the flags given, checked, its device and folder resolved;
-    the stage's own options (--context, --n, --n_frames) checked too."""
+def make_config(args, cls, presets, heads, error):
+    """self_forcing's config: cls from the preset and the flags given, checked (check_config: bad values end the
+    run in one line), its device and folder resolved; the stage's own options (--context, --n, --n_frames) too."""
     import dataclasses
     import os
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
     c = cls(**{**presets[args.preset], **given})
-    check(c)
+    check_config(c, heads, error)
     need = {"diffusion": ("tf", "df"), "distill": ("self", "tf", "df")}.get(args.stage)
     if need and args.context not in need or args.n < 1:
         raise error(f"{args.stage} needs --context {' | '.join(need)}" if need else f"--n={args.n}: at least 1")
