@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
@@ -996,6 +997,25 @@ def test_mismatched_checkpoint_is_refused(run_dir):
         f.write(b"not a checkpoint")
     with pytest.raises(sf.UserError, match="cannot read"):
         sf.load(os.path.join(run_dir, "broken.pt"), cfg(), "x")
+
+
+def test_stages_started_side_by_side_in_one_folder_all_pass_the_write_check(tmp_path):
+    """Every stage first checks that its folder can be written. Stages run side by side in one folder (the seed
+    loops of the README and experiments.md): with a shared test-file name, one removed it under another, which
+    then ended with "cannot write to output folder". 8 threads x 200 checks at once; nothing left behind."""
+    errors = []
+
+    def check():
+        for _ in range(200):
+            try:
+                toy_data.writable(str(tmp_path), sf.UserError)
+            except sf.UserError as e:
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    assert not errors and not os.listdir(tmp_path), errors[:1]
 
 
 def test_fresh_keeps_the_finished_checkpoint_until_its_replacement_is_finished(tmp_path, monkeypatch):

@@ -712,12 +712,13 @@ def pick_device(name, error):
 
 
 def writable(folder, error):
-    """Make the output folder and check that it can be written now, not after an hour of training."""
+    """Make the output folder and check that it can be written now, not after an hour of training. The test file is
+    this process's own (stages run side by side in one folder: a shared name would be removed under another)."""
     import os
+    import tempfile
     try:
         os.makedirs(folder, exist_ok=True)
-        open(os.path.join(folder, ".write_test"), "w").close()
-        os.remove(os.path.join(folder, ".write_test"))
+        tempfile.TemporaryFile(dir=folder).close()  # made, then gone on close
     except OSError as e:
         raise error(f"cannot write to output folder {folder!r}: {e.strerror}")
     return folder
