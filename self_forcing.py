@@ -658,7 +658,7 @@ def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, wi
       every chunk, with grad enabled: steps before s run under no_grad, step s with grad (stochastic
       gradient truncation, Sec. 3.2), the refresh under no_grad; c.kv_grad says whether gradient passes
       through the cache into the exit steps of earlier chunks ("st") or not ("detach"). A (B,) tensor (no
-      grad): a batch of rollouts with their own exit steps (the critic's); every step runs, each keeps its own.
+      grad): a batch of rollouts with their own exit steps (a GPU's critic); every step runs, each keeps its own.
     noise (B, n_frames, C, H, W): the chunks' starting noise (default: drawn). window, sink: the cache's
       size in frames (default c.frames, the training length) and its never-evicted first frames.
     trace: a dict that collects the model calls, grad_calls, the frames each chunk attended to (seen) and,
