@@ -667,7 +667,8 @@ def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, wi
     sigmas, cfg = (euler_sigmas(c)[:-1].tolist(), c.cfg) if euler else (few_step_sigmas(c).tolist(), 1.0)
     s = len(sigmas) - 1 if exit_step is None else exit_step  # inference: always exit at the last step
     train_mode = torch.is_grad_enabled()  # the caller decides: no_grad for sampling, grad for Alg. 1
-    last = len(sigmas) - 1 if torch.is_tensor(s) else s  # (B,) exit steps (no grad): all K steps, each keeps its own
+    per_sample = torch.is_tensor(s)  # (B,) exit steps (no grad): all K steps run, each sample keeps its own
+    last = len(sigmas) - 1 if per_sample else s
     cache = KVCache(len(model.blocks), model.N, window or c.frames, sink)  # fresh per rollout; rolls past window
     trace, out = {} if trace is None else trace, []  # out: the chunks' outputs
     for f0 in range(0, n_frames, ch):  # Alg. 1 line 3: for each chunk i = 1..N
@@ -683,7 +684,7 @@ def rollout(model, y, n_frames, c, sampler="few", exit_step=None, noise=None, wi
             with torch.set_grad_enabled(train_mode and k == s):
                 x0_k = x - sigmas[k] * guided(model, x, sigma, y, cfg, pos=pos, cache=cache)  # (B, ch, C, H, W)
             # per-sample exit steps: a sample past its own keeps the x0_hat it exited with
-            x0_hat = torch.where((s < k).view(B, 1, 1, 1, 1), x0_hat, x0_k) if torch.is_tensor(s) and k else x0_k
+            x0_hat = torch.where((s < k).view(B, 1, 1, 1, 1), x0_hat, x0_k) if per_sample and k else x0_k
             trace["calls"] = trace.get("calls", 0) + 1
             trace["grad_calls"] = trace.get("grad_calls", 0) + int(x0_hat.requires_grad)
             if k < last:  # re-noise to the next level
