@@ -20,6 +20,8 @@ of `bench` (`python toy_data.py grid ROOT`: the chunk-wise / frame-wise table of
 plumbing of self_forcing.py's command line: its stages, flags and their checks, the device, loading and atomic
 writes of checkpoints, their RNG state, the NaN check, the guard of a training stage (lock, Ctrl-C).
 """
+import functools
+
 import numpy as np
 
 SHAPES = ("square", "disc", "triangle")  # label -> shape family
@@ -269,6 +271,7 @@ def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=1
     return out
 
 
+@functools.cache  # the same reference for every evaluation of a process
 def real_speed(size=32, n_objects=3, radius=3.5, speed=1.75, frames=16, n=256, seed=12345, gravity=0.0):
     """Mean object speed of real videos as the metric measures it (the reference of the speed ratio)."""
     d = make_videos(n, frames, size, n_objects, radius, speed, seed, gravity=gravity)
@@ -571,13 +574,19 @@ def boolean(s):
     return s.lower() in ("1", "true", "yes")
 
 
+@functools.cache  # reading the source takes longer than the rest of the parse
+def field_notes(cls):
+    """{field: the comment after it} of the dataclass cls."""
+    import inspect
+    import re
+    return dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))
+
+
 def config_flags(p, cls, shown):
     """Add to the argparse parser p one --flag per field of the dataclass cls, default None (not given), typed
     by the field (a boolean takes only true/false/1/0/yes/no), its help the field's comment and shown[name]."""
     import dataclasses
-    import inspect
-    import re
-    notes = dict(re.findall(r"^ +(\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))  # the field comments
+    notes = field_notes(cls)
     for f in dataclasses.fields(cls):
         typ = {"bool": boolean, "int": int, "float": float, "str": str}[getattr(f.type, "__name__", f.type)]
         p.add_argument(f"--{f.name}", type=typ, default=None, metavar=type(f.default).__name__.upper(),
