@@ -78,6 +78,30 @@ def test_metrics_real_near_perfect_and_corruptions_worse():
     assert s(d["videos"], (d["labels"] + 1) % 3)["semantic"] < 0.05  # wrong shape for the label
 
 
+def test_bootstrap_intervals_resample_whole_videos():
+    """score's 95% intervals: the quality of each resampled set of videos (the same seeded draws, all sets at
+    once), by the formula written out here; drift's: last minus first segment on the SAME resampled videos."""
+    d = toy_data.make_videos(24, 8, size=16, n_objects=2, radius=2.0, speed=1.0, seed=4)
+    v = np.concatenate([toy_data.corrupt(d["videos"][:12], "slow"), d["videos"][12:]])  # qualities that vary
+    vr = toy_data.real_speed(16, 2, 2.0, 1.0)
+    out = toy_data.score(v, d["labels"], vr, 4, 2, 2.0, n_boot=50, seed=3)
+    stats, rng = toy_data.frame_stats(v, d["labels"], 2, 2.0), np.random.default_rng(3)
+    boots = [rng.integers(0, 24, 24) for _ in range(50)]
+
+    def qualities(frames):  # quality = mean(valid x phys) x min(S, 1/S), S = mean speed / real speed
+        pv, qs = toy_data.per_video(stats, d["labels"], frames), []
+        for b in boots:
+            S = np.nanmean(pv["speed"][b]) / vr
+            qs.append(np.mean(np.nan_to_num(pv["valid"][b] * pv["phys"][b])) * min(S, 1 / S))
+        return np.array(qs)
+    first, last, whole = qualities(slice(0, 4)), qualities(slice(4, 8)), qualities(slice(0, 8))
+    assert np.allclose(out["all"]["quality_ci"], np.percentile(whole, [2.5, 97.5]))
+    assert np.allclose(out["segments"][1]["quality_ci"], np.percentile(last, [2.5, 97.5]))
+    assert np.allclose(out["drift_ci"], np.percentile(last - first, [2.5, 97.5]))
+    lo, hi = out["all"]["quality_ci"]
+    assert lo < out["all"]["quality"] < hi and hi - lo > 0.02
+
+
 def test_gravity_variant_is_exact_physics_and_the_metric_needs_it():
     """The harder toy: y follows a ball bouncing on the floor. Checked against an independent simulation
     (small explicit time steps, velocity reversed at the floor), and the metric judges with gravity."""

@@ -230,15 +230,16 @@ def per_video(stats, labels, frames):
 
 
 def summarise(pv, real_speed):
-    """Set-level scores from per-video statistics. quality = mean(valid * phys) * min(S, 1/S), where S is
-    the mean object speed over the real data's mean speed: wrong motion costs as much as broken frames."""
-    ratio = np.nanmean(pv["speed"]) / real_speed if np.any(~np.isnan(pv["speed"])) else 0.0
-    ratio = 0.0 if np.isnan(ratio) else ratio
-    speed_score = min(ratio, 1 / ratio) if ratio > 0 else 0.0
+    """Set-level scores from per-video statistics (N,), or from (B, N) for B bootstrap sets at once. quality =
+    mean(valid * phys) * min(S, 1/S), S the mean object speed over the real data's mean speed: wrong motion
+    costs as much as broken frames."""
+    mean = lambda a: np.where(np.isnan(a).all(-1), 0.0, _nanmean(a, -1))  # noqa: E731 (0: nothing judgeable)
+    ratio = np.nan_to_num(mean(pv["speed"]) / real_speed)
+    speed_score = np.minimum(ratio, 1 / np.maximum(ratio, 1e-12))  # 0 for frozen objects
     vp = np.nan_to_num(pv["valid"] * pv["phys"])  # a video with nothing judgeable counts as 0
-    return dict(quality=vp.mean() * speed_score, valid=pv["valid"].mean(), fidelity_err=pv["err"].mean(),
-                phys=np.nanmean(pv["phys"]) if np.any(~np.isnan(pv["phys"])) else 0.0,
-                speed_ratio=ratio, semantic=np.nanmean(pv["semantic"]) if np.any(~np.isnan(pv["semantic"])) else 0.0)
+    out = dict(quality=vp.mean(-1) * speed_score, valid=pv["valid"].mean(-1), fidelity_err=pv["err"].mean(-1),
+               phys=mean(pv["phys"]), speed_ratio=ratio, semantic=mean(pv["semantic"]))
+    return {k: np.asarray(v)[()] for k, v in out.items()}  # (B,) arrays, or numbers
 
 
 def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=100, seed=0, gravity=0.0):
@@ -248,13 +249,13 @@ def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=1
     gravity: see motion."""
     N, F = videos.shape[:2]
     rng = np.random.default_rng(seed)
-    boots = [rng.integers(0, N, N) for _ in range(n_boot)]
+    boots = np.stack([rng.integers(0, N, N) for _ in range(n_boot)])  # (n_boot, N) resampled video indices
 
     def with_ci(pv):
         s = summarise(pv, real_speed)
-        bs = [summarise({k: v[b] for k, v in pv.items()}, real_speed) for b in boots]
+        bs = summarise({k: v[boots] for k, v in pv.items()}, real_speed)  # every bootstrap set at once
         for k in list(s):
-            s[k + "_ci"] = tuple(np.percentile([b[k] for b in bs], [2.5, 97.5]))
+            s[k + "_ci"] = tuple(np.percentile(bs[k], [2.5, 97.5]))
         return s, bs
 
     out, seg_boot = dict(segments=[]), []
@@ -265,7 +266,7 @@ def score(videos, labels, real_speed, segment, n_objects=3, radius=3.5, n_boot=1
         out["segments"].append(s)
         seg_boot.append(bs)
     out["all"], _ = with_ci(per_video(stats, labels, slice(0, F)))
-    d = [b1["quality"] - b0["quality"] for b0, b1 in zip(seg_boot[0], seg_boot[-1])]
+    d = seg_boot[-1]["quality"] - seg_boot[0]["quality"]
     out["drift"] = out["segments"][-1]["quality"] - out["segments"][0]["quality"]
     out["drift_ci"] = tuple(np.percentile(d, [2.5, 97.5]))
     return out
