@@ -233,7 +233,7 @@ def summarise(pv, real_speed):
     """Set-level scores from per-video statistics (N,), or from (B, N) for B bootstrap sets at once. quality =
     mean(valid * phys) * min(S, 1/S), S the mean object speed over the real data's mean speed: wrong motion
     costs as much as broken frames."""
-    mean = lambda a: np.where(np.isnan(a).all(-1), 0.0, _nanmean(a, -1))  # noqa: E731 (0: nothing judgeable)
+    mean = lambda a: np.nan_to_num(_nanmean(a, -1))  # noqa: E731 (0 where nothing is judgeable)
     ratio = np.nan_to_num(mean(pv["speed"]) / real_speed)
     speed_score = np.minimum(ratio, 1 / np.maximum(ratio, 1e-12))  # 0 for frozen objects
     vp = np.nan_to_num(pv["valid"] * pv["phys"])  # a video with nothing judgeable counts as 0
