@@ -962,6 +962,9 @@ def test_sample_stage_writes_npz_and_gif(run_dir):
     (["bench", "--n=-1", "--out={tmp}"], "--n=-1: at least 1"),
     (["sample", "--n_frames=-2", "--out={tmp}"], "--n_frames=-2: at least 1"),
     (["sample", "--model=wan", "--out={tmp}"], "argument --model: invalid choice: 'wan'"),
+    (["--context=tf"], "--context is an option of diffusion and distill, not of demo"),  # not a silent demo
+    (["eval", "--n_frames=8"], "--n_frames is an option of sample, not of eval"),
+    (["teacher", "--long"], "--long is an option of eval, not of teacher"),
     (["diffusion", "--context=tf", "--out={tmp}/notackpt"], "is not a checkpoint of self_forcing.py"),
     (["diffusion", "--context=tf", "--out={tmp}/truncated"], "cannot read checkpoint"),
     (["--out=/proc/forbidden"], "cannot write"),

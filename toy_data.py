@@ -653,6 +653,10 @@ STAGES = {  # self_forcing.py's stages, for --help
 }
 
 
+STAGE_OPTIONS = {"--context": ("diffusion", "distill"), "--model": ("sample",), "--n": ("sample", "bench"),
+                 "--n_frames": ("sample",), "--long": ("eval",)}  # (--preset, --fresh and the fields: every stage)
+
+
 def parse_cli(argv, cls, presets, methods):
     """self_forcing.py's command line: the stage, the options of some stages, and one --flag per field of cls."""
     import argparse
@@ -672,7 +676,13 @@ def parse_cli(argv, cls, presets, methods):
     p.add_argument("--long", action="store_true", help="eval: rollouts to 16x, quality per segment")
     config_flags(p, cls, {f.name: f"cpu preset: {presets['cpu'].get(f.name, f.default)}"
                           for f in dataclasses.fields(cls)})  # every field, its comment the help
-    return parse_known_flags(p, argv)
+    args = parse_known_flags(p, argv)
+    for a in argv:  # a stage's option given to another stage would be ignored: `--context tf` alone runs the demo
+        stages = STAGE_OPTIONS.get(a.split("=")[0])
+        if stages and args.stage not in stages:
+            p.error(f"{a.split('=')[0]} is an option of {' and '.join(stages)}, not of {args.stage}")
+    return args
+
 
 
 def load_checkpoint(path, c, what, fields, cls, error):
