@@ -1,6 +1,8 @@
 """Tests: each compares against an independent reference (a mask instead of a cache, a recomputed prefix
 instead of a cache, an analytic Gaussian score, the true physics). Run: python -m pytest -q"""
 import dataclasses
+import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import torch
 import self_forcing as sf
 import toy_data
 
+torch.set_num_threads(1)  # the commands the tests start (the demo: `background`) run beside them on another core
 
 
 def cfg(**kw):
@@ -62,8 +65,8 @@ def test_data_is_deterministic_and_obeys_physics():
 
 
 def test_metrics_real_near_perfect_and_corruptions_worse():
-    d = toy_data.make_videos(48, 16, seed=5)
-    vr = toy_data.real_speed()
+    d = toy_data.make_videos(24, 16, seed=5)
+    vr = toy_data.real_speed(n=64)  # the reference from other clips (eval's uses 256: 2 s more here)
     s = lambda v, lab=d["labels"]: toy_data.score(v, lab, vr, 8, n_boot=10)["all"]  # noqa: E731
     real = s(d["videos"])
     assert real["valid"] == 1 and real["semantic"] == 1 and real["quality"] > 0.95
@@ -118,7 +121,7 @@ def test_gravity_variant_is_exact_physics_and_the_metric_needs_it():
             sim.append(y.copy())
     assert np.abs(np.stack(sim, 1) - d["pos"][..., 1]).max() < 0.02
     assert (d["pos"][..., 1] >= lo - 1e-4).all() and (np.diff(np.sign(d["vel"][..., 1]), axis=1) < 0).any()
-    vr = toy_data.real_speed(gravity=g)
+    vr = toy_data.real_speed(n=64, gravity=g)
     s = lambda v, grav: toy_data.score(v, d["labels"], vr, 8, n_boot=5, gravity=grav)["all"]  # noqa: E731
     assert s(d["videos"], g)["phys"] > 0.97 and s(d["videos"], g)["quality"] > 0.95
     assert s(d["videos"], 0.0)["phys"] < 0.7  # straight lines are the wrong physics here ...
@@ -551,7 +554,7 @@ def test_dmd_with_trained_critic_moves_generator_to_target():
     critic = lambda x_t, sigma, y: gaussian_v(cm, cls.exp())(x_t, sigma, y)  # noqa: E731
     og, oc = torch.optim.Adam([a, b], lr=0.02), torch.optim.Adam([cm, cls], lr=0.05)
     real = gaussian_v(1.5, 0.5)
-    for it in range(300):
+    for it in range(200):  # converged by 150
         for _ in range(5):
             x = (a * torch.randn(256, 1, 1, 1, 8) + b).detach()
             lc = sf.flow_matching_loss(critic, x, None, sf.score_sigma(256, c, "cpu"))
@@ -568,11 +571,55 @@ def test_dmd_with_trained_critic_moves_generator_to_target():
 # ----------------------------------------------------------------------------------------------------
 # stages, checkpoints, CLI
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """The whole demo on the test preset, once for the module."""
-    d = str(tmp_path_factory.mktemp("run"))
-    sf.main(["--preset", "test", f"--out={d}", "--device=cpu"])
+def fork_command(out, *argvs):
+    """`python self_forcing.py ARGV --out=out` for each ARGV in turn, in a fork of this process (its imports done: a
+    fresh Python spends 4 s importing torch), its output in out/log.txt: the process, started. It runs beside the
+    tests (on a second core: they use one thread) until one waits for it."""
+    def command_line():
+        with open(out / "log.txt", "a", buffering=1) as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            sys.stdout = sys.stderr = log
+            for argv in argvs:
+                sf.main([*argv, f"--out={out}"])
+
+    (out / "log.txt").write_text("")
+    p = multiprocessing.get_context("fork").Process(target=command_line, daemon=True)
+    p.start()
+    return p
+
+
+def finished(p, out, last_words):
+    """The log of a fork_command once it has ended, checked: exit code 0, and its last words."""
+    p.join()
+    log = (out / "log.txt").read_text()
+    assert p.exitcode == 0 and last_words in log, log
+    return str(out)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background(request, tmp_path_factory):
+    """The demo on the test preset (`python self_forcing.py --preset=test`) from the session's start, if a selected
+    test reads it; once it has finished (run_dir), the long view's commands on a copy of its checkpoints."""
+    jobs = {}
+    if any("run_dir" in item.fixturenames for item in request.session.items):
+        d = tmp_path_factory.mktemp("run")
+        jobs["demo"] = fork_command(d, ["--preset=test", "--device=cpu"]), d
+    yield jobs
+    for p, _ in jobs.values():  # a session that ended first: no process left behind
+        p.kill()
+
+
+@pytest.fixture
+def run_dir(background, tmp_path_factory):
+    """The demo's folder, once it has finished."""
+    d = finished(*background["demo"], "[demo] done in")
+    if "long" not in background:  # Sec. 3.4's restricted Self Forcing, then the long view (16x), on a copy
+        long = tmp_path_factory.mktemp("long")
+        copy_checkpoints(d, long, "teacher", "ode", "sf")
+        test = ["--preset=test", "--device=cpu"]
+        background["long"] = fork_command(long, ["distill", "--context", "self", "--restrict=true", *test],
+                                          ["eval", "--long", *test]), long
     return d
 
 
@@ -617,20 +664,6 @@ def test_eval_scores_the_videos_of_its_seeded_noise_whatever_ran_before(run_dir,
     model = sf.build(c, torch.load(tmp_path / "ode.pt", weights_only=True)["ema"]).eval()
     ref = sf.generate(model, "few", y, L, c, sf.eval_noise(c, L))[:, :c.frames].numpy()
     assert any(v.shape == ref.shape and np.array_equal(v, ref) for v in scored)
-
-
-def test_long_view(run_dir, tmp_path):
-    copy_checkpoints(run_dir, tmp_path, "teacher", "ode", "tf", "sf")
-    args = ["--preset", "test", f"--out={tmp_path}", "--device=cpu"]
-    sf.main(["distill", "--context", "self", "--restrict=true"] + args)
-    assert (tmp_path / "sf_restrict.pt").exists() and sf.torch.load(
-        tmp_path / "sf_restrict.pt", weights_only=True)["step"] == 2  # its own file, not sf.pt
-    res = sf.evaluate(toy_data.make_config(sf.parse(["eval"] + args), sf.Config, sf.PRESETS, sf.HEADS, sf.UserError),
-                      long=True)
-    labels = [r["label"] for r in res.values()]
-    assert labels == ["real data", "TF (many-step)", "ODE init (4-step)", "Self Forcing (4-step)",
-                      "SF + sink of 2", "SF, restricted"]
-    assert all(len(r["long"]["segments"]) == 16 for r in res.values()) and (tmp_path / "long.gif").exists()
 
 
 def test_trails_figure_shows_motion_as_slanted_lines(tmp_path):
@@ -820,11 +853,9 @@ def test_straight_through_changes_training_at_the_last_exit_step(run_dir, tmp_pa
     assert (moved["st"] - moved["detach"]).norm() > 0.05 * moved["detach"].norm()
 
 
-@pytest.mark.parametrize("mode", ["dmd", "teacher"])
-def test_critic_noise_levels(run_dir, tmp_path, monkeypatch, mode):
+def test_critic_noise_levels(run_dir, tmp_path, monkeypatch):
     """critic_sigma=dmd (official): the critic learns at DMD's query levels (uniform, shifted, one per clip);
     teacher: at the teacher's own logit-normal levels, the same loss it was trained with on real clips."""
-    copy_checkpoints(run_dir, tmp_path, "teacher", "ode")
     levels, orig = {}, sf.flow_matching_loss
 
     def spy(model, x0, y, sigma, **kw):
@@ -832,19 +863,24 @@ def test_critic_noise_levels(run_dir, tmp_path, monkeypatch, mode):
         return orig(model, x0, y, sigma, **kw)
 
     monkeypatch.setattr(sf, "flow_matching_loss", spy)
-    torch.manual_seed(0)
-    (tmp_path / "t").mkdir()
-    for who, run in (("teacher", lambda: sf.train_teacher(cfg(out=str(tmp_path / "t"), teacher_iters=4, batch=128))),
-                     ("critic", lambda: sf.distill(cfg(out=str(tmp_path), distill_iters=1, critic_ratio=4,
-                                                       batch=128, critic_sigma=mode), "self"))):
+    for who in ("training", "dmd", "teacher"):  # the teacher's own training, then the critic with each setting
+        # (512 clips of 2 frames, one chunk: enough levels to tell the two apart, the clip's length is no matter)
+        d = tmp_path / who
+        d.mkdir()
         levels[who] = []
-        run()
-    t, c = torch.cat(levels["teacher"]), torch.cat(levels["critic"])
-    assert t.shape == c.shape == (512, cfg().frames) and (c == c[:, :1]).all()  # one level per clip
-    u = sf.shift(torch.rand(100_000)).clamp(0.02, 0.98)  # DMD's levels, drawn independently
-    ref = u if mode == "dmd" else t
-    assert abs(ref.mean() - c.mean()) < 0.04 and abs(ref.std() - c.std()) < 0.04
+        torch.manual_seed(0)
+        if who == "training":
+            sf.train_teacher(cfg(out=str(d), frames=2, teacher_iters=4, batch=128))
+        else:
+            copy_checkpoints(run_dir, d, "teacher", "ode")
+            sf.distill(cfg(out=str(d), frames=2, distill_iters=1, critic_ratio=4, batch=128, critic_sigma=who),
+                       "self")
+    t, u = torch.cat(levels["training"]), sf.shift(torch.rand(100_000)).clamp(0.02, 0.98)  # DMD's, drawn apart
     assert abs(u.mean() - t.mean()) > 0.15  # the check tells the two apart
+    for mode, ref in (("dmd", u), ("teacher", t)):
+        c = torch.cat(levels[mode])
+        assert t.shape == c.shape == (512, 2) and (c == c[:, :1]).all()  # one level per clip
+        assert abs(ref.mean() - c.mean()) < 0.04 and abs(ref.std() - c.std()) < 0.04, mode
 
 
 def test_checkpoint_round_trip_and_resume(tmp_path, monkeypatch):
@@ -894,20 +930,22 @@ def test_a_stage_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(tmp_p
 
 
 def test_ctrl_c_on_a_process_prints_one_line_and_a_second_process_is_refused(tmp_path, capsys):
-    """The real thing: a stage training in a subprocess holds its lock (a second process on the same stage and
+    """The real thing: a stage training in another process holds its lock (a second process on the same stage and
     folder stops at once, naming it), and SIGINT ends it with one line, exit 130, the step saved."""
-    p = subprocess.Popen([sys.executable, "self_forcing.py", "teacher", "--preset=test", "--teacher_iters=100000",
-                          f"--out={tmp_path}", "--device=cpu"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    err, deadline = "", time.time() + 60
-    while "teacher:" not in err and time.time() < deadline:  # tqdm's bar: the loop has started
-        err += p.stderr.read(1)
-    with pytest.raises(SystemExit) as e:
-        sf.main(["teacher", "--preset=test", f"--out={tmp_path}", "--device=cpu"])
-    assert e.value.code == 2 and f"being trained by process {p.pid}" in capsys.readouterr().err
-    p.send_signal(signal.SIGINT)
-    err += p.stderr.read()
-    assert p.wait(30) == 130 and "Traceback" not in err, err
+    p = fork_command(tmp_path, ["teacher", "--preset=test", "--teacher_iters=100000", "--device=cpu"])
+    try:
+        deadline = time.time() + 60
+        while "teacher:" not in (tmp_path / "log.txt").read_text() and time.time() < deadline:  # tqdm's bar: the loop
+            time.sleep(0.05)  # has started
+        with pytest.raises(SystemExit) as e:
+            sf.main(["teacher", "--preset=test", f"--out={tmp_path}", "--device=cpu"])
+        assert e.value.code == 2 and f"being trained by process {p.pid}" in capsys.readouterr().err
+        os.kill(p.pid, signal.SIGINT)
+        p.join(30)
+    finally:  # a failed check leaves no process training on
+        p.kill()
+    err = (tmp_path / "log.txt").read_text()
+    assert p.exitcode == 130 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     step = int(last.split("interrupted at step ")[1].split(":")[0])
     assert f"saved {tmp_path}/teacher.part.pt, the same command resumes from it" in last, last
@@ -1199,3 +1237,14 @@ def test_cuda_graphs_train_what_eager_trains(tmp_path):
             d = max((c[part][k] - ck["false"][n][part][k]).abs().max().item() for k in c[part])
             print(n, part, d)
             assert d <= 1e-5, (n, part, d)
+
+
+def test_long_view(run_dir, background):
+    """`distill --context self --restrict=true` writes its own checkpoint, and `eval --long` rolls every AR model
+    there out to 16x, with SF's sink and restricted rows (last in the file: they ran beside the tests before it)."""
+    d = finished(*background["long"], "[eval] wrote")
+    assert torch.load(os.path.join(d, "sf_restrict.pt"), weights_only=True)["step"] == 2  # not sf.pt
+    res = json.load(open(os.path.join(d, "results_long.json")))
+    labels = [r["label"] for r in res.values()]
+    assert labels == ["real data", "ODE init (4-step)", "Self Forcing (4-step)", "SF + sink of 2", "SF, restricted"]
+    assert all(len(r["long"]["segments"]) == 16 for r in res.values()) and os.path.exists(os.path.join(d, "long.gif"))
