@@ -1,5 +1,6 @@
 """Tests: each compares against an independent reference (a mask instead of a cache, a recomputed prefix
-instead of a cache, an analytic Gaussian score, the true physics). Run: python -m pytest -q"""
+instead of a cache, an analytic Gaussian score, the true physics). Run: python -m pytest -q (Linux or macOS: the
+demo's commands run in forks of the test process, beside the tests)."""
 import dataclasses
 import json
 import multiprocessing
