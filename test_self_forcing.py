@@ -571,17 +571,17 @@ def test_dmd_with_trained_critic_moves_generator_to_target():
 # ----------------------------------------------------------------------------------------------------
 # stages, checkpoints, CLI
 
-def fork_command(out, *argvs):
-    """`python self_forcing.py ARGV --out=out` for each ARGV in turn, in a fork of this process (its imports done: a
-    fresh Python spends 4 s importing torch), its output in out/log.txt: the process, started. It runs beside the
-    tests (on a second core: they use one thread) until one waits for it."""
+def fork_command(out, *steps):
+    """Each step in turn, `python self_forcing.py STEP --out=out` (or STEP(), a function), in a fork of this process
+    (its imports done: a fresh Python spends 4 s importing torch), its output in out/log.txt: the process, started.
+    It runs beside the tests (on a second core: they use one thread) until one waits for it."""
     def command_line():
         with open(out / "log.txt", "a", buffering=1) as log:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
             sys.stdout = sys.stderr = log
-            for argv in argvs:
-                sf.main([*argv, f"--out={out}"])
+            for step in steps:
+                step() if callable(step) else sf.main([*step, f"--out={out}"])
 
     (out / "log.txt").write_text("")
     p = multiprocessing.get_context("fork").Process(target=command_line, daemon=True)
@@ -599,12 +599,16 @@ def finished(p, out, last_words):
 
 @pytest.fixture(scope="session", autouse=True)
 def background(request, tmp_path_factory):
-    """The demo on the test preset (`python self_forcing.py --preset=test`) from the session's start, if a selected
-    test reads it; once it has finished (run_dir), the long view's commands on a copy of its checkpoints."""
-    jobs = {}
-    if any("run_dir" in item.fixturenames for item in request.session.items):
+    """From the session's start, what a selected test reads: the demo on the test preset (`python self_forcing.py
+    --preset=test`), the shipped teacher's videos; once the demo has finished (run_dir), the long view's commands on
+    a copy of its checkpoints."""
+    jobs, needed = {}, {name for item in request.session.items for name in item.fixturenames}
+    if "run_dir" in needed:
         d = tmp_path_factory.mktemp("run")
         jobs["demo"] = fork_command(d, ["--preset=test", "--device=cpu"]), d
+    if "shipped_videos" in needed:
+        d = tmp_path_factory.mktemp("shipped")
+        jobs["shipped"] = fork_command(d, lambda: shipped_teacher_videos(d)), d
     yield jobs
     for p, _ in jobs.values():  # a session that ended first: no process left behind
         p.kill()
@@ -1178,25 +1182,40 @@ def test_the_grid_table_counts_the_papers_two_claims_per_seed(tmp_path):
         toy_data.grid_table(str(tmp_path))
 
 
-def test_the_shipped_teacher_is_the_cpu_presets_and_scores_as_the_readme_says(tmp_path, capsys):
+def shipped_teacher_videos(out):
+    """The shipped teacher's first 16 evaluation videos, bit for bit the demo's (the noise is drawn row by row), as
+    evaluate() draws them: the labels, the model, the shared noise, the teacher's own. Into out/videos.npz, with
+    their labels and the real speed."""
+    c = sf.Config(**sf.PRESETS["cpu"], device="cpu", out=str(out))
+    L = c.frames * sf.LONG
+    ev = toy_data.EvalSet(c.n_eval, L, c.frames, c.size, c.n_objects, c.radius, c.speed, c.seed, c.gravity)
+    teacher = sf.build(c, sf.load(sf.SHIPPED, c, "teacher")["ema"]).eval()  # (building a model draws random numbers)
+    sf.eval_noise(c, L)
+    videos = sf.generate(teacher, "teacher", torch.from_numpy(ev.labels[:16]), c.frames, c).numpy()
+    np.savez(out / "videos.npz", videos=videos, labels=ev.labels[:16], v_real=ev.v_real)
+
+
+@pytest.fixture
+def shipped_videos(background):
+    return np.load(os.path.join(finished(*background["shipped"], ""), "videos.npz"))
+
+
+def test_the_shipped_teacher_is_the_cpu_presets_and_scores_as_the_readme_says(shipped_videos, tmp_path, capsys):
     """assets/teacher.pt is what the demo starts from: the cpu preset's finished teacher (every field its stage is
-    made from, and its step count). Its first 16 evaluation videos, bit for bit the demo's (the noise is drawn row
-    by row), score inside the README table's interval for it (64 videos: all of them would take 5 s)."""
+    made from, and its step count). Its first 16 evaluation videos (shipped_teacher_videos, beside the other tests)
+    score inside the README table's interval for it (64 videos: all of them would take 10 s)."""
     c = sf.Config(**sf.PRESETS["cpu"], device="cpu", out=str(tmp_path))
     ck = sf.load(sf.SHIPPED, c, "teacher", sf.STAGE_FIELDS["teacher"])
     assert ck["step"] == ck["iters"] == c.teacher_iters and set(ck) == {"config", "step", "iters", "ema"}
     assert sf.pretrained_teacher(c) and not sf.pretrained_teacher(c)  # copied once, never over a checkpoint
     assert not sf.pretrained_teacher(dataclasses.replace(c, seed=1, out=str(tmp_path / "s1")))  # another teacher
-    L = c.frames * sf.LONG  # as evaluate() draws them: the labels, the model, the shared noise, the teacher's own
-    ev = toy_data.EvalSet(c.n_eval, L, c.frames, c.size, c.n_objects, c.radius, c.speed, c.seed, c.gravity)
-    teacher = sf.build(c, ck["ema"]).eval()  # (building a model draws random numbers too)
-    sf.eval_noise(c, L)
-    videos = sf.generate(teacher, "teacher", torch.from_numpy(ev.labels[:16]), c.frames, c).numpy()
-    q = toy_data.score(videos, ev.labels[:16], ev.v_real, c.frames, c.n_objects, c.radius)["all"]["quality"]
+    v = shipped_videos
+    q = toy_data.score(v["videos"], v["labels"], float(v["v_real"]), c.frames, c.n_objects, c.radius)["all"]["quality"]
     row = next(ln for ln in open("README.md") if ln.startswith("| teacher (bidir, many-step) |"))
     lo, hi = (float(v) for v in row.split("|")[4].split("[")[1].rstrip("] ").split(","))
     assert lo <= q <= hi, (q, row)
     # more teacher steps would need the optimizer state, which the shipped file leaves out
+    teacher = sf.build(c, ck["ema"])
     with pytest.raises(sf.UserError, match=r"made with 5000 steps \(weights only\)"):
         sf.train(c, "teacher", {"model": teacher, "ema": teacher}, None, c.teacher_iters + 1, sf.EMA)
 
