@@ -607,8 +607,8 @@ def background(request, tmp_path_factory):
         d = tmp_path_factory.mktemp("run")
         jobs["demo"] = fork_command(d, ["--preset=test", "--device=cpu"]), d
     if "shipped_videos" in needed:
-        d = tmp_path_factory.mktemp("shipped")
-        jobs["shipped"] = fork_command(d, lambda: shipped_teacher_videos(d)), d
+        out = tmp_path_factory.mktemp("shipped")
+        jobs["shipped"] = fork_command(out, lambda: shipped_teacher_videos(out)), out
     yield jobs
     for p, _ in jobs.values():  # a session that ended first: no process left behind
         p.kill()
