@@ -573,8 +573,8 @@ def test_dmd_with_trained_critic_moves_generator_to_target():
 
 def fork_command(out, *steps):
     """Each step in turn, `python self_forcing.py STEP --out=out` (or STEP(), a function), in a fork of this process
-    (its imports done: a fresh Python spends 4 s importing torch), its output in out/log.txt: the process, started.
-    It runs beside the tests (on a second core: they use one thread) until one waits for it."""
+    (its imports done: a fresh Python spends 4 s importing torch), its output in out/log.txt: (the process, started;
+    out). It runs beside the tests (on a second core: they use one thread) until one waits for it (`finished`)."""
     def command_line():
         with open(out / "log.txt", "a", buffering=1) as log:
             os.dup2(log.fileno(), 1)
@@ -586,11 +586,12 @@ def fork_command(out, *steps):
     (out / "log.txt").write_text("")
     p = multiprocessing.get_context("fork").Process(target=command_line, daemon=True)
     p.start()
-    return p
+    return p, out
 
 
-def finished(p, out, last_words):
-    """The log of a fork_command once it has ended, checked: exit code 0, and its last words."""
+def finished(job, last_words):
+    """The folder of a fork_command once it has ended, its log checked: exit code 0, and its last words."""
+    p, out = job
     p.join()
     log = (out / "log.txt").read_text()
     assert p.exitcode == 0 and last_words in log, log
@@ -604,11 +605,10 @@ def background(request, tmp_path_factory):
     a copy of its checkpoints."""
     jobs, needed = {}, {name for item in request.session.items for name in item.fixturenames}
     if "run_dir" in needed:
-        d = tmp_path_factory.mktemp("run")
-        jobs["demo"] = fork_command(d, ["--preset=test", "--device=cpu"]), d
+        jobs["demo"] = fork_command(tmp_path_factory.mktemp("run"), ["--preset=test", "--device=cpu"])
     if "shipped_videos" in needed:
         out = tmp_path_factory.mktemp("shipped")
-        jobs["shipped"] = fork_command(out, lambda: shipped_teacher_videos(out)), out
+        jobs["shipped"] = fork_command(out, lambda: shipped_teacher_videos(out))
     yield jobs
     for p, _ in jobs.values():  # a session that ended first: no process left behind
         p.kill()
@@ -617,13 +617,13 @@ def background(request, tmp_path_factory):
 @pytest.fixture
 def run_dir(background, tmp_path_factory):
     """The demo's folder, once it has finished."""
-    d = finished(*background["demo"], "[demo] done in")
+    d = finished(background["demo"], "[demo] done in")
     if "long" not in background:  # Sec. 3.4's restricted Self Forcing, then the long view (16x), on a copy
         long = tmp_path_factory.mktemp("long")
         copy_checkpoints(d, long, "teacher", "ode", "sf")
         test = ["--preset=test", "--device=cpu"]
         background["long"] = fork_command(long, ["distill", "--context", "self", "--restrict=true", *test],
-                                          ["eval", "--long", *test]), long
+                                          ["eval", "--long", *test])
     return d
 
 
@@ -936,7 +936,7 @@ def test_a_stage_stopped_by_ctrl_c_and_resumed_equals_an_uninterrupted_one(tmp_p
 def test_ctrl_c_on_a_process_prints_one_line_and_a_second_process_is_refused(tmp_path, capsys):
     """The real thing: a stage training in another process holds its lock (a second process on the same stage and
     folder stops at once, naming it), and SIGINT ends it with one line, exit 130, the step saved."""
-    p = fork_command(tmp_path, ["teacher", "--preset=test", "--teacher_iters=100000", "--device=cpu"])
+    p, _ = fork_command(tmp_path, ["teacher", "--preset=test", "--teacher_iters=100000", "--device=cpu"])
     try:
         deadline = time.time() + 60
         while "teacher:" not in (tmp_path / "log.txt").read_text() and time.time() < deadline:  # tqdm's bar: the loop
@@ -1197,7 +1197,7 @@ def shipped_teacher_videos(out):
 
 @pytest.fixture
 def shipped_videos(background):
-    return np.load(os.path.join(finished(*background["shipped"], ""), "videos.npz"))
+    return np.load(os.path.join(finished(background["shipped"], ""), "videos.npz"))
 
 
 def test_the_shipped_teacher_is_the_cpu_presets_and_scores_as_the_readme_says(shipped_videos, tmp_path, capsys):
@@ -1261,7 +1261,7 @@ def test_cuda_graphs_train_what_eager_trains(tmp_path):
 def test_long_view(run_dir, background):
     """`distill --context self --restrict=true` writes its own checkpoint, and `eval --long` rolls every AR model
     there out to 16x, with SF's sink and restricted rows (last in the file: they ran beside the tests before it)."""
-    d = finished(*background["long"], "[eval] wrote")
+    d = finished(background["long"], "[eval] wrote")
     assert torch.load(os.path.join(d, "sf_restrict.pt"), weights_only=True)["step"] == 2  # not sf.pt
     res = json.load(open(os.path.join(d, "results_long.json")))
     labels = [r["label"] for r in res.values()]

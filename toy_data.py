@@ -684,7 +684,6 @@ def parse_cli(argv, cls, presets, methods):
     return args
 
 
-
 def load_checkpoint(path, c, what, fields, cls, error):
     """self_forcing.load: a finished checkpoint whose config agrees with c on `fields` (a field the checkpoint
     predates: cls's default), else error(one line saying what to run or which setting differs)."""
